@@ -1,0 +1,157 @@
+"""The `mass-export` command: a thin layer over the library. Torch is imported only by commands that need it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mass_export.errors import MassExportError
+
+
+class Group(click.Group):
+    """Turns the library's typed errors into a one-line message and their exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MassExportError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="mass-export")
+def main():
+    """Build, export and serve MASS (MoErging through Adaptive Subspace Selection) for open_clip encoders."""
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@main.command()
+@click.option("--model", required=True, help="open_clip model name (ViT-B-16), hf-hub:ORG/REPO, local-dir:PATH, "
+              "or a path to an open_clip model-config JSON.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (openai) or a checkpoint file. "
+              "Default: zeroshot.pt / zeroshot.safetensors found under --checkpoints.")
+@click.option("--checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Directory with one fine-tuned checkpoint per task (task_vectors layout: TASK/finetuned.pt, "
+              "TASKVal/nonlinear_finetuned.pt, TASK/finetuned.safetensors, TASK/pytorch_model.bin).")
+@click.option("--tasks", default=None, help="A count (8, 14, 20: the benchmark lists in models/benchmarks.json) "
+              "or comma-separated task names. Default: every task found under --checkpoints.")
+@click.option("--rank", type=int, default=None, help="Components kept per task and matrix. "
+              "Default: floor(min(m, n) / T).")
+@click.option("--routing-layer", type=int, default=None, help="Block whose c_fc input feeds the router. "
+              "Default: from models/architectures.json (ViT-B-16: 9, ViT-L-14: 20), else 3/4 of the depth.")
+@click.option("--base", type=click.Choice(["no-redundancy", "tsv"]), default="no-redundancy",
+              help="First-pass model theta_MT: TSV-M skipping redundant tasks (cosine > --redundancy-threshold) "
+              "or plain TSV-M of all tasks.")
+@click.option("--redundancy-threshold", type=float, default=0.3)
+@click.option("--split-qkv/--fused-qkv", default=True, help="Truncate attention q, k, v separately "
+              "(the authors' later code) or the fused in_proj_weight.")
+@click.option("--alpha", type=float, default=1.0, help="Scale of the merged task update.")
+@click.option("--eta", type=float, default=0.2, help="Router probability threshold for selecting a task.")
+@click.option("--top-k", type=int, default=3, help="At most this many tasks per image.")
+@click.option("--tau", type=float, default=1.0, help="Router softmax temperature.")
+@click.option("--router-on", type=click.Choice(["merged", "pretrained"]), default="merged",
+              help="Route on theta_MT (the paper) or on theta_pre (the authors' ablation).")
+@click.option("--quick-gelu/--no-quick-gelu", default=None, help="State the activation; a contradiction "
+              "with what the weights say is refused. Default: detected (openai tags use QuickGELU).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("build"), help="Build directory.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output directory.")
+@click.option("--export/--no-export", default=True, help="Export ONNX graphs (and validate them).")
+@click.option("--validate/--no-validate", default=True, help="Check the graphs against the torch reference.")
+@click.option("--atol", type=float, default=1e-4, help="Validation tolerance on features and logits.")
+@click.option("--opset", type=int, default=18)
+@click.option("--validation-images", type=click.Path(exists=True, path_type=Path), multiple=True,
+              help="Images for validation (default: scikit-image's sample photos).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def build(as_json, validation_images, **options):
+    """Merge and truncate task updates (MASS), export ONNX graphs, validate them, write a build directory."""
+    from mass_export.build.pipeline import BuildConfig, build as run_build
+
+    images = []
+    for path in validation_images:
+        images += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    output, manifest = run_build(BuildConfig(validation_images=images, **options))
+    if as_json:
+        _echo_json(manifest)
+        return
+    storage = manifest["storage"]
+    click.echo(f"wrote {output}: {len(manifest['tasks'])} tasks, routing layer {manifest['method']['routing_layer']}, "
+               f"ranks {manifest['method']['ranks']}, {storage['total_bytes'] / 2**20:.1f} MiB "
+               f"({storage['factor_of_tower']['total']:.2f}x the fp32 tower)")
+    if "validation" in manifest:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in manifest["validation"]["max_abs_diff"].items())
+        click.echo(f"validation passed (atol {manifest['validation']['atol']}): max |diff| {diffs}")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--atol", type=float, default=1e-4)
+@click.option("--images", "image_paths", type=click.Path(exists=True, path_type=Path), multiple=True,
+              help="Images to validate on (default: scikit-image's sample photos).")
+@click.option("--checkpoints-from-manifest/--no-checkpoints-from-manifest", default=True, hidden=True)
+@click.option("--json", "as_json", is_flag=True)
+def validate(build_dir, atol, image_paths, checkpoints_from_manifest, as_json):
+    """Re-run the ONNX graphs against the torch reference rebuilt from the build's stored parts."""
+    from mass_export.export.validate import validate_build
+    from mass_export.build.stored import reference_from_build
+    from mass_export.manifest import update_manifest
+
+    images = []
+    for path in image_paths:
+        images += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    report = validate_build(build_dir, reference_from_build(build_dir), atol=atol, images=images)
+    update_manifest(build_dir, validation=report)
+    if as_json:
+        _echo_json(report)
+    else:
+        for name, value in report["max_abs_diff"].items():
+            click.echo(f"{name:<11} max|diff| {value:.3e}")
+        click.echo(f"passed: task sets identical, predictions identical, all within atol {atol}")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(build_dir, as_json):
+    """Show a build: model, tasks, method, storage per part, validation."""
+    from mass_export.manifest import read_manifest
+
+    manifest = read_manifest(build_dir)
+    if as_json:
+        _echo_json({k: manifest.get(k) for k in ("model", "tasks", "method", "heads", "storage", "validation")})
+        return
+    model, method, storage = manifest["model"], manifest["method"], manifest["storage"]
+    click.echo(f"model      {model['name']} ({model['pretrained']}), quick_gelu={model['quick_gelu']}, "
+               f"{model['image_size']} px")
+    click.echo(f"tasks      {', '.join(manifest['tasks'])}")
+    click.echo(f"method     base={method['base']} routing_layer={method['routing_layer']} eta={method['eta']} "
+               f"top_k={method['top_k']} tau={method['tau']} alpha={method['alpha']} ranks={method['ranks']}")
+    click.echo("storage    part              MiB    x fp32 tower")
+    for part, size in {**storage["bytes"], "total": storage["total_bytes"]}.items():
+        click.echo(f"           {part:<16}{size / 2**20:>7.1f}    {storage['factor_of_tower'][part]:.3f}")
+    if manifest.get("validation"):
+        click.echo(f"validation passed={manifest['validation']['passed']} "
+                   f"max|diff|={max(manifest['validation']['max_abs_diff'].values()):.2e}")
+
+
+def _register_optional():
+    # Commands living in their own modules; each imports its heavy dependencies lazily.
+    from importlib import import_module
+
+    for module, name in (("mass_export_cli.run_cmd", "run"), ("mass_export_cli.zoo_cmd", "zoo"),
+                         ("mass_export_cli.eval_cmd", "eval"), ("mass_export_cli.bench_cmd", "bench"),
+                         ("mass_export_cli.demo_cmd", "demo")):
+        try:
+            main.add_command(getattr(import_module(module), name))
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+_register_optional()

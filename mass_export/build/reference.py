@@ -1,0 +1,137 @@
+"""The torch reference MASS model: the oracle every exported graph and the runtime are checked against."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .heads import head_logits
+from .merge import TaskFactors, merged_tower
+from .routing import projection_residuals, routing_probabilities, select_tasks
+from .tower import FullTower, RoutePrefix, run_with
+
+
+@dataclass(frozen=True)
+class Method:
+    """MASS's parameters; defaults follow the authors' code (DESIGN.md §2)."""
+
+    routing_layer: int
+    alpha: float = 1.0
+    eta: float = 0.2
+    tau: float = 1.0
+    top_k: int = 3
+    base: str = "no-redundancy"
+    redundancy_threshold: float = 0.3
+    split_qkv: bool = True
+    rank: int | None = None
+    router_on: str = "merged"  # or "pretrained": route on theta_pre (no theta_MT needed)
+
+
+@dataclass
+class Prediction:
+    task_index: int
+    class_index: int
+    score: float
+    task_set: tuple[int, ...]
+    logits: torch.Tensor  # the winning head's logits
+    probs: torch.Tensor = field(repr=False)  # router probabilities over all tasks
+
+
+def router_basis_key(layer: int) -> str:
+    return f"transformer.resblocks.{layer}.mlp.c_fc.weight"
+
+
+def choose_head(features: torch.Tensor, heads: list[torch.Tensor], task_set) -> tuple[int, torch.Tensor]:
+    """The selected task whose head gives the largest logit (ties to the first); returns (task, its logits)."""
+    best_task, best_logits = None, None
+    for task in task_set:
+        logits = head_logits(features[None], heads[task])[0]
+        if best_logits is None or float(logits.max()) > float(best_logits.max()):
+            best_task, best_logits = task, logits
+    return best_task, best_logits
+
+
+class MassReference:
+    """Two passes: route on theta_MT with early exit, then classify with theta(S) for the selected set S."""
+
+    def __init__(self, visual: torch.nn.Module, pretrained: dict[str, torch.Tensor], factors: TaskFactors,
+                 bases: dict[str, list[int]], heads: list[torch.Tensor], method: Method, cache_size: int = 4):
+        self.pretrained, self.factors, self.heads, self.method = pretrained, factors, heads, method
+        self.num_tasks = factors.num_tasks
+        self.prefix = RoutePrefix(visual, method.routing_layer).eval()
+        self.full = FullTower(visual).eval()
+        self.theta_mt = (pretrained if method.router_on == "pretrained" else
+                         merged_tower(pretrained, factors, range(self.num_tasks), method.alpha, bases))
+        self.basis = factors.V[router_basis_key(method.routing_layer)]
+        self.cache: OrderedDict[tuple, dict] = OrderedDict()
+        self.cache_size = cache_size
+
+    def task_set_weights(self, task_set: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """theta(S), merged once per task set and kept in a bounded LRU cache."""
+        if task_set in self.cache:
+            self.cache.move_to_end(task_set)
+            return self.cache[task_set]
+        weights = merged_tower(self.pretrained, self.factors, task_set, self.method.alpha)
+        self.cache[task_set] = weights
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return weights
+
+    @torch.no_grad()
+    def route_feature(self, images: torch.Tensor) -> torch.Tensor:
+        return run_with(self.prefix, self.theta_mt, images)
+
+    @torch.no_grad()
+    def route(self, images: torch.Tensor):
+        """(probs (B, T), residuals (B, T), task sets)."""
+        if self.num_tasks == 1:
+            ones = torch.ones(images.shape[0], 1)
+            return ones, torch.zeros_like(ones), [(0,)] * images.shape[0]
+        residuals = projection_residuals(self.route_feature(images), self.basis)
+        probs = routing_probabilities(residuals, self.method.tau)
+        return probs, residuals, select_tasks(probs, self.method.eta, self.method.top_k)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, task_set: tuple[int, ...]) -> torch.Tensor:
+        return run_with(self.full, self.task_set_weights(task_set), images)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> list[Prediction]:
+        probs, _, task_sets = self.route(images)
+        out: list[Prediction | None] = [None] * len(task_sets)
+        groups: dict[tuple, list[int]] = {}
+        for index, task_set in enumerate(task_sets):
+            groups.setdefault(task_set, []).append(index)
+        for task_set, indices in groups.items():
+            features = self.encode(images[indices], task_set)
+            for row, index in enumerate(indices):
+                task, logits = choose_head(features[row], self.heads, task_set)
+                cls = int(logits.argmax())
+                out[index] = Prediction(task, cls, float(logits[cls]), task_set, logits, probs[index])
+        return out
+
+    @torch.no_grad()
+    def predict_naive(self, images: torch.Tensor) -> list[Prediction]:
+        """The authors' way: the whole first pass runs (its output discarded), weights merged per sample."""
+        captured = {}
+        c_fc = self.full.visual.transformer.resblocks[self.method.routing_layer].mlp.c_fc
+        hook = c_fc.register_forward_hook(lambda module, args, output: captured.update(z=args[0][:, 0]))
+        try:
+            run_with(self.full, self.theta_mt, images)
+        finally:
+            hook.remove()
+        if self.num_tasks == 1:
+            probs, task_sets = torch.ones(images.shape[0], 1), [(0,)] * images.shape[0]
+        else:
+            probs = routing_probabilities(projection_residuals(captured["z"], self.basis), self.method.tau)
+            task_sets = select_tasks(probs, self.method.eta, self.method.top_k)
+        out = []
+        for index, task_set in enumerate(task_sets):
+            weights = merged_tower(self.pretrained, self.factors, task_set, self.method.alpha)
+            features = run_with(self.full, weights, images[index:index + 1])[0]
+            task, logits = choose_head(features, self.heads, task_set)
+            cls = int(logits.argmax())
+            out.append(Prediction(task, cls, float(logits[cls]), task_set, logits, probs[index]))
+        return out

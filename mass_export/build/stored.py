@@ -1,0 +1,45 @@
+"""Rebuild the torch reference from a build directory alone (for `mass-export validate` and evaluation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..manifest import read_manifest
+from .merge import TaskFactors
+from .reference import MassReference, Method
+
+
+def vision_tower(manifest: dict) -> torch.nn.Module:
+    from open_clip.model import _build_vision_tower
+
+    config, quick_gelu = manifest["model"]["config"], manifest["model"]["quick_gelu"]
+    return _build_vision_tower(config["embed_dim"], config["vision_cfg"], quick_gelu=quick_gelu).eval()
+
+
+def factors_from_flat(flat: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]):
+    U, s, V, bases = {}, {}, {}, {}
+    for name, tensor in flat.items():
+        key, field = name.rsplit(".", 1)
+        if field == "base":
+            bases[key] = [int(i) for i in torch.nonzero(tensor).flatten()]
+        else:
+            {"U": U, "s": s, "V": V}[field][key] = tensor
+    return TaskFactors(U, s, V, whole), bases
+
+
+def reference_from_build(root: Path, cache_size: int = 4) -> MassReference:
+    root = Path(root)
+    manifest = read_manifest(root)
+    visual = vision_tower(manifest)
+    pretrained = load_file(str(root / "pretrained.safetensors"))
+    visual.load_state_dict(pretrained)
+    factors, bases = factors_from_flat(load_file(str(root / "factors.safetensors")),
+                                       load_file(str(root / "deltas.safetensors")))
+    stacked = load_file(str(root / "heads.safetensors"))["heads"]
+    heads = [stacked[manifest["heads"][t]["offset"]:manifest["heads"][t]["offset"] + manifest["heads"][t]["classes"]]
+             for t in manifest["tasks"]]
+    method = Method(**{k: v for k, v in manifest["method"].items() if k in Method.__dataclass_fields__})
+    return MassReference(visual, pretrained, factors, bases, heads, method, cache_size)

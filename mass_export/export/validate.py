@@ -1,0 +1,127 @@
+"""Validation of exported graphs against the torch reference (optimum-style: atol, a max-diff table, typed error).
+
+ONNX Runtime runs each graph fed with weights rebuilt by the numpy Gram form (``mass_export.taskweights``);
+the reference runs torch with the SVD/polar form. So a pass checks the graphs, the Gram form and the rebuild
+from stored factors at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from safetensors.numpy import load_file
+from tqdm.auto import tqdm
+
+from ..errors import ValidationError
+from ..lowrank import group_by_task_set, pick_heads, select_task_sets
+from ..manifest import read_manifest
+from ..taskweights import StoredTasks, task_set_weights
+
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "brick", "grass")
+BATCH_SIZES = (1, 3, 8)
+
+
+def sample_images() -> list:
+    """Real photos bundled with scikit-image (colour and greyscale, various sizes)."""
+    from PIL import Image
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, name)()) for name in SAMPLE_PHOTOS]
+
+
+def pixel_batch(images, preprocess: dict) -> torch.Tensor:
+    """Preprocess with open_clip's own eval transform: the reference for the runtime's numpy version."""
+    from open_clip.transform import image_transform
+    from PIL import Image
+
+    transform = image_transform(preprocess["image_size"], is_train=False, mean=tuple(preprocess["mean"]),
+                                std=tuple(preprocess["std"]), interpolation=preprocess.get("interpolation", "bicubic"),
+                                resize_mode=preprocess.get("resize_mode", "shortest"))
+    loaded = [Image.open(p) if isinstance(p, (str, Path)) else p for p in images]
+    return torch.stack([transform(image) for image in loaded])
+
+
+def head_slice(manifest: dict, task_index: int) -> slice:
+    record = manifest["heads"][manifest["tasks"][task_index]]
+    return slice(record["offset"], record["offset"] + record["classes"])
+
+
+def _session(root: Path, record: dict) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(root / record["file"]), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session, feeds: dict) -> list[np.ndarray]:
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+
+
+def validate_build(root: Path, reference, atol: float = 1e-4, images=(), batch_sizes=BATCH_SIZES,
+                   progress: bool = True) -> dict:
+    """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    pixels = pixel_batch(list(images) or sample_images(), manifest["model"])
+    stored = StoredTasks.from_flat(load_file(str(root / "pretrained.safetensors")),
+                                   load_file(str(root / "factors.safetensors")),
+                                   load_file(str(root / "deltas.safetensors")), manifest["method"]["alpha"])
+    heads = load_file(str(root / "heads.safetensors"))["heads"]
+    graphs = {name: _session(root, record) for name, record in manifest["graphs"].items()}
+    every = range(stored.num_tasks)
+    theta_mt = (stored.pretrained if manifest["method"]["router_on"] == "pretrained"
+                else task_set_weights(stored, every, keys=manifest["graphs"]["prefix"]["inputs"], base=True))
+    basis = stored.factors[f"transformer.resblocks.{manifest['method']['routing_layer']}.mlp.c_fc.weight"]["V"]
+    diffs = {name: 0.0 for name in ("prefix", "router", "encoder", "heads", "end_to_end")}
+    mismatched_sets, mismatched_predictions, weight_cache = [], [], {}
+    eta, top_k = manifest["method"]["eta"], manifest["method"]["top_k"]
+    steps = [(b, s) for b in batch_sizes for s in range(0, len(pixels), b)]
+    for batch_size, start in tqdm(steps, desc="validating graphs", unit="batch", disable=not progress):
+        x = pixels[start:start + batch_size]
+        feeds = {"pixel_values": x.numpy()}
+        feature = _run(graphs["prefix"], {**feeds, **theta_mt})[0]
+        ref_feature = reference.route_feature(x)
+        diffs["prefix"] = max(diffs["prefix"], float(np.abs(feature - ref_feature.numpy()).max()))
+        ref_probs, _, ref_sets = reference.route(x)
+        probs = _run(graphs["router"], {"route_feature": ref_feature.numpy(), "router_basis": basis})[0]
+        diffs["router"] = max(diffs["router"], float(np.abs(probs - ref_probs.numpy()).max()))
+        own_probs = _run(graphs["router"], {"route_feature": feature, "router_basis": basis})[0]
+        own_sets = select_task_sets(own_probs, eta, top_k) if stored.num_tasks > 1 else [(0,)] * len(x)
+        mismatched_sets += [start + i for i, (a, b) in enumerate(zip(own_sets, ref_sets)) if a != b]
+        ref_predictions = reference.predict(x)
+        for task_set, indices in group_by_task_set(ref_sets).items():
+            if task_set not in weight_cache:
+                weight_cache[task_set] = task_set_weights(stored, task_set)
+            features = _run(graphs["encoder"], {"pixel_values": x[indices].numpy(), **weight_cache[task_set]})[0]
+            ref_features = reference.encode(x[indices], task_set)
+            diffs["encoder"] = max(diffs["encoder"], float(np.abs(features - ref_features.numpy()).max()))
+            logits = _run(graphs["heads"], {"image_features": features, "heads": heads})[0]
+            ref_logits = _run(graphs["heads"], {"image_features": ref_features.numpy(), "heads": heads})[0]
+            torch_logits = torch.nn.functional.normalize(ref_features, dim=-1) @ torch.from_numpy(heads).T
+            diffs["heads"] = max(diffs["heads"], float(np.abs(ref_logits - torch_logits.numpy()).max()))
+            for row, index in enumerate(indices):
+                slices = [head_slice(manifest, task) for task in task_set]
+                position, cls, _ = pick_heads([logits[row][s] for s in slices])
+                prediction = ref_predictions[index]
+                winner = logits[row][head_slice(manifest, prediction.task_index)]
+                diffs["end_to_end"] = max(diffs["end_to_end"],
+                                          float(np.abs(winner - prediction.logits.numpy()).max()))
+                if (task_set[position], cls) != (prediction.task_index, prediction.class_index):
+                    mismatched_predictions.append(start + index)
+    table = [{"graph": name, "max_abs_diff": value, "atol": atol, "ok": value <= atol} for name, value in diffs.items()]
+    report = {"atol": atol, "images": len(pixels), "batch_sizes": list(batch_sizes), "max_abs_diff": diffs,
+              "task_sets_identical": not mismatched_sets, "predictions_identical": not mismatched_predictions,
+              "passed": all(row["ok"] for row in table) and not mismatched_sets and not mismatched_predictions}
+    if not report["passed"]:
+        lines = [f"  {row['graph']:<11} max|diff| {row['max_abs_diff']:.3e}  {'ok' if row['ok'] else 'FAIL'}"
+                 for row in table]
+        if mismatched_sets:
+            lines.append(f"  task sets differ for images {sorted(set(mismatched_sets))[:10]}")
+        if mismatched_predictions:
+            lines.append(f"  predicted classes differ for images {sorted(set(mismatched_predictions))[:10]}")
+        raise ValidationError(f"{root}: exported graphs disagree with the torch reference (atol {atol}):\n"
+                              + "\n".join(lines), table)
+    return report

@@ -1,0 +1,91 @@
+"""TSV-M of any task subset from stored factors, and MASS's task selection: numpy only.
+
+Shared by the build room (to rebuild theta_MT) and the runtime (to prepare a task set's weights), so it must
+never import torch. The torch SVD/polar forms in ``mass_export.build.merge`` are its independent check.
+
+Why the Gram form: polar(U_cat) = U_cat (U_cat^T U_cat)^(-1/2), so
+    TSV-M(S) = U_cat  G_U^(-1/2) diag(s_cat) G_V^(-1/2)  V_cat
+with G_U = U_cat^T U_cat and G_V = V_cat V_cat^T only |S|k x |S|k: no m x n SVD at run time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Eigenvalues of a Gram matrix below this fraction of the largest are treated as zero (pseudo-inverse square
+# root), which makes the Gram form equal the polar factor P Q^T even when U_cat is rank-deficient.
+GRAM_RCOND = 1e-10
+
+
+def inverse_sqrt_psd(gram: np.ndarray, rcond: float = GRAM_RCOND) -> np.ndarray:
+    """(pseudo-)inverse square root of a symmetric positive semi-definite matrix."""
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    cutoff = rcond * max(float(eigenvalues[-1]), 0.0)
+    keep = eigenvalues > cutoff
+    scale = np.zeros_like(eigenvalues)
+    scale[keep] = 1.0 / np.sqrt(eigenvalues[keep])
+    return (eigenvectors * scale) @ eigenvectors.T
+
+
+def tsvm_factors(U: np.ndarray, s: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Factors (A, B) with A @ B = TSV-M of the given tasks.
+
+    U: (S, m, k), s: (S, k), V: (S, k, n) for the S selected tasks. Returns A (m, Sk), B (Sk, n).
+    Computed in float64: the inverse square roots amplify rounding in nearly dependent subspaces.
+    """
+    num_tasks, m, k = U.shape
+    U_cat = np.ascontiguousarray(np.transpose(U, (1, 0, 2)).reshape(m, num_tasks * k), dtype=np.float64)
+    V_cat = np.ascontiguousarray(V.reshape(num_tasks * k, -1), dtype=np.float64)
+    s_cat = s.reshape(-1).astype(np.float64)
+    if num_tasks == 1:
+        # A single task's U, V are orthonormal already: its truncated update, no Gram step needed.
+        return U_cat * s_cat, V_cat
+    middle = inverse_sqrt_psd(U_cat.T @ U_cat) @ (s_cat[:, None] * inverse_sqrt_psd(V_cat @ V_cat.T))
+    return U_cat @ middle, V_cat
+
+
+def tsvm_delta(U: np.ndarray, s: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """Dense TSV-M update (m, n) in float32."""
+    A, B = tsvm_factors(U, s, V)
+    return (A @ B).astype(np.float32)
+
+
+def zscore_softmax(residuals: np.ndarray, tau: float = 1.0) -> np.ndarray:
+    """Router probabilities from residuals (B, T): softmax of the z-scored negative residuals over tasks."""
+    scores = -residuals.astype(np.float64)
+    if scores.shape[1] > 1:
+        std = scores.std(axis=1, ddof=1, keepdims=True)  # unbiased, as torch.std
+        scores = (scores - scores.mean(axis=1, keepdims=True)) / (std + 1e-6)
+    scores = scores / tau
+    scores = scores - scores.max(axis=1, keepdims=True)
+    exp = np.exp(scores)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def select_task_sets(probs: np.ndarray, eta: float = 0.2, top_k: int = 3) -> list[tuple[int, ...]]:
+    """Per sample: tasks with p > eta, at most top_k of the largest, else the argmax; ascending task order."""
+    selected = []
+    for row in np.asarray(probs):
+        order = np.argsort(-row, kind="stable")
+        chosen = [int(t) for t in order[:top_k] if row[t] > eta]
+        selected.append(tuple(sorted(chosen)) if chosen else (int(order[0]),))
+    return selected
+
+
+def pick_heads(logits_per_task: list[np.ndarray]) -> tuple[int, int, float]:
+    """Among candidate heads' logits (one 1-D array each), the (position, class, score) of the largest logit.
+
+    A tie goes to the first candidate, as in the reference.
+    """
+    best = max(range(len(logits_per_task)), key=lambda i: (float(logits_per_task[i].max()), -i))
+    winner = logits_per_task[best]
+    cls = int(np.argmax(winner))
+    return best, cls, float(winner[cls])
+
+
+def group_by_task_set(task_sets: list[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
+    """Sample indices per task set, in first-seen order, so each set's second pass runs once."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, task_set in enumerate(task_sets):
+        groups.setdefault(task_set, []).append(index)
+    return groups
