@@ -6,6 +6,8 @@ attention fast-path switch; passing the weights as a dict keyword keeps them rea
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 
@@ -45,7 +47,8 @@ def _rename_inputs(path: Path, renames: dict[str, str]) -> None:
 
 
 def _export(module, args, kwargs, path: Path, output_names, dynamic_shapes, opset: int) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
+    # The exporter prints progress on stdout, which belongs to the CLI's --json output.
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, None, kwargs=kwargs, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
