@@ -7,11 +7,11 @@ from .datasets import DatasetUnavailable, available_tasks, class_names, load_spl
 from .recipe import load_recipe, recipe_hash
 
 
-def build_zoo(recipe=None, cache_dir=None, progress=True):
+def build_zoo(recipe=None, cache_dir=None, progress=True, **options):
     """See :func:`mass_export.zoo.train.build_zoo` (imported lazily: it needs torch and open_clip)."""
     from .train import build_zoo as _build
 
-    return _build(recipe, cache_dir=cache_dir, progress=progress)
+    return _build(recipe, cache_dir=cache_dir, progress=progress, **options)
 
 
 def __getattr__(name):

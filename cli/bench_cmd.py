@@ -1,0 +1,44 @@
+"""`mass-export bench`."""
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--build", "build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Build directory. Default: the demo zoo's build (made if missing).")
+@click.option("--batch-sizes", default="1,16", help="Comma-separated batch sizes.")
+@click.option("--warmup", type=int, default=2, help="Untimed rounds per batch size.")
+@click.option("--iterations", type=int, default=10, help="Timed rounds per batch size.")
+@click.option("--providers", default="cpu", help="cpu, cuda, tensorrt (comma-separated, in preference order).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (ONNX Runtime and torch).")
+@click.option("--torch/--no-torch", "with_torch", default=True, help="Also time the torch reference two-pass "
+              "(naive, and early exit with cached task-set weights).")
+@click.option("--peak-tflops", type=float, default=None, help="Device peak for model FLOPs utilisation "
+              "(default: from a table of known GPUs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the result rows as CSV.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the JSON report to this file.")
+def bench(build_dir, batch_sizes, warmup, iterations, providers, threads, with_torch, peak_tflops, as_json,
+          csv_path, output):
+    """Time one plain encoder pass, the exported two-pass MASS runtime (per stage too) and the torch reference,
+    interleaved on the same inputs; report images/s, p50/p90/p99 latency and ratios to the plain pass."""
+    import json
+
+    from mass_export.bench import run_bench, to_csv, to_table, write_report
+
+    if build_dir is None:
+        from mass_export.zoo.demo import default_build
+
+        build_dir = default_build()
+    report = run_bench(build_dir, [int(b) for b in batch_sizes.split(",")], warmup, iterations,
+                       [p.strip() for p in providers.split(",")], threads, with_torch, peak_tflops,
+                       progress=not as_json)
+    if output:
+        write_report(report, output)
+    if csv_path:
+        csv_path.write_text(to_csv(report))
+    click.echo(json.dumps(report, indent=2) if as_json else to_table(report))

@@ -1,0 +1,508 @@
+"""Checkpoints in: the pretrained CLIP and each task's fine-tuned visual tower, from every layout users have.
+
+Layouts (DESIGN.md §4), all mapped to canonical visual keys (those of ``model.visual.state_dict()``):
+
+- task_vectors pickles of whole modules (``finetuned.pt``, ``zeroshot.pt``, ``nonlinear_finetuned.pt``,
+  ``head_<Task>.pt``): read with the restricted unpickler of :mod:`.unpickle`, so nothing the file names is imported
+  or run;
+- the authors' HF ``pytorch_model.bin`` and other plain state dicts (``.pt`` / ``.pth`` / ``.bin``):
+  ``torch.load(weights_only=True)``;
+- ``.safetensors`` (recognised by suffix or header).
+
+Keys may carry any prefix (``model.visual.``, ``visual.``, ``module.``, ``state_dict.``, none): the visual tower is the
+prefix under which most of the pretrained tower's keys live, skipping a prefix whose ``visual.`` child also matches
+(text and vision towers share key names such as ``transformer.resblocks.0.ln_1.weight``).
+
+QuickGELU: OpenAI weights use it and nothing in a state dict tells, so a mismatch would silently change every
+activation. Evidence comes from the model name (``-quickgelu``), the model config's ``quick_gelu``, the pretrained tag
+(``models/architectures.json`` ``quick_gelu_tags`` and open_clip's tag metadata) and pickled modules (a class named
+``QuickGELU``, or torch's ``GELU``). Any disagreement, with the caller's ``quick_gelu`` or within the evidence, is a
+ConfigError.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import catalog
+from ..errors import CheckpointError, ConfigError, MissingCheckpoints
+from . import unpickle
+
+VISUAL = "visual."
+# Preference order inside one task folder (see find_task_checkpoints).
+TASK_FILES = ("nonlinear_finetuned.pt", "finetuned.pt", "finetuned.safetensors", "pytorch_model.bin",
+              "model.safetensors")
+PRETRAINED_FILES = ("zeroshot.pt", "zeroshot.safetensors")
+HEAD_SUFFIXES = (".pt", ".safetensors")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_SHOWN = 5  # keys listed per problem before "... (N in all)"
+
+
+@dataclass
+class PretrainedModel:
+    model: torch.nn.Module  # open_clip CLIP, eval mode, fp32, cpu, requires_grad off
+    name: str  # open_clip model name, the config file's stem, or the hf-hub:/local-dir: string as given
+    pretrained: str  # tag or file path as given; for hf-hub:/local-dir: without one, the weights' source
+    quick_gelu: bool
+    config: dict  # open_clip model config (quick_gelu set to the value used)
+    has_text: bool  # the whole text tower was loaded (zero-shot heads can be computed)
+    preprocess: dict = field(default_factory=dict)  # image_size, mean, std, interpolation, resize_mode
+
+
+@dataclass
+class Checkpoint:
+    """One file's tensors under their dotted names as stored, and the pickled classes it instantiated."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    classes: set[str]
+    root: object
+
+    @property
+    def quick_gelu(self) -> bool | None:
+        names = {c.rsplit(".", 1)[-1] for c in self.classes}
+        if "QuickGELU" in names:
+            return True
+        return False if "GELU" in names else None
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # 8-byte little-endian header length, then the JSON header
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Every tensor in a file, of any supported layout; CheckpointError naming the file for anything unreadable."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes)")
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        root = tensors
+    else:
+        try:
+            root = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # weights_only refuses any global beyond tensors: a pickled module (task_vectors) or a hostile file.
+            try:
+                root = unpickle.load_file(path)
+            except unpickle.UnsafePickle as exc:
+                raise CheckpointError(f"{path}: refused, nothing in it was run: {exc}") from None
+            except Exception as exc:
+                raise CheckpointError(f"{path}: not a readable torch checkpoint ({_reason(exc)})") from None
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({_reason(exc)})") from None
+    tensors, classes = unpickle.collect_tensors(root)
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors ({type(root).__name__})")
+    return Checkpoint(path, tensors, classes, root)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _few(keys) -> str:
+    keys = list(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def _visual_prefix(keys, reference) -> str | None:
+    """The prefix under which most reference (visual) keys live, or None when none does."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in reference:
+                prefix = ".".join(parts[:i]) + "." if i else ""
+                counts[prefix] = counts.get(prefix, 0) + 1
+    candidates = {p: n for p, n in counts.items() if p + VISUAL not in counts}
+    return max(candidates, key=lambda p: (candidates[p], -len(p))) if candidates else None
+
+
+def _validate(path, got: dict, reference: dict, what: str, allow_unexpected=False) -> dict:
+    """got, checked key by key against reference; float tensors as fp32, integer ones as they are."""
+    problems, summary = [], []
+    missing = [k for k in reference if k not in got]
+    unexpected = [] if allow_unexpected else [k for k in got if k not in reference]
+    if missing:
+        summary.append(f"missing {len(missing)} {what} key(s): {_few(missing)}")
+    if unexpected:
+        summary.append(f"unexpected {len(unexpected)} {what} key(s): {_few(unexpected)}")
+    for key, ref in reference.items():
+        t = got.get(key)
+        if t is None:
+            continue
+        if t.shape != ref.shape:
+            problems.append(f"{key}: checkpoint has {_shape(t)}, pretrained has {_shape(ref)}")
+        elif t.is_floating_point() != ref.is_floating_point():
+            problems.append(f"{key}: checkpoint has dtype {t.dtype}, pretrained has {ref.dtype}")
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            problems.append(f"{key}: {bad} non-finite value(s) (NaN/Inf)")
+    if summary or problems:
+        shown = summary + problems[:10] + ([f"... {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise CheckpointError(f"{path}: does not match the pretrained {what}:\n  " + "\n  ".join(shown))
+    return {k: got[k].detach().float() if got[k].is_floating_point() else got[k].detach() for k in reference}
+
+
+def _split_visual(ckpt: Checkpoint, reference) -> tuple[str, dict]:
+    prefix = _visual_prefix(ckpt.tensors, reference)
+    if prefix is None:
+        raise CheckpointError(f"{ckpt.path}: no visual-tower tensors (none of {_few(reference)}) among its keys: "
+                              f"{_few(ckpt.tensors)}")
+    return prefix, {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+
+
+def visual_state(model) -> dict[str, torch.Tensor]:
+    """Canonical visual keys -> tensors of an open_clip CLIP (or a PretrainedModel)."""
+    if isinstance(model, PretrainedModel):
+        model = model.model
+    return model.visual.state_dict()
+
+
+def load_visual(path, reference: dict[str, torch.Tensor], quick_gelu: bool | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's visual tower under canonical keys, checked against ``reference`` (the pretrained tower).
+
+    Any layout of this module; CheckpointError naming the file and, as relevant, the key and both shapes, for
+    missing or unexpected keys, shape or dtype-kind mismatches and NaN/Inf. With ``quick_gelu`` given, a pickled
+    module whose activation says otherwise is a ConfigError.
+    """
+    ckpt = read_checkpoint(path)
+    if quick_gelu is not None and ckpt.quick_gelu is not None:
+        resolve_quick_gelu(quick_gelu, [(f"checkpoint {ckpt.path}", ckpt.quick_gelu)])
+    _, got = _split_visual(ckpt, reference)
+    return _validate(ckpt.path, got, reference, "visual tower")
+
+
+# ---------------------------------------------------------------- the pretrained model
+
+
+def resolve_quick_gelu(given: bool | None, evidence: list[tuple[str, bool]]) -> bool:
+    """The QuickGELU setting: the caller's or the evidence's; ConfigError on any disagreement."""
+    def uses(value):
+        return "QuickGELU" if value else "GELU, not QuickGELU"
+
+    for source, value in evidence:
+        if given is not None and value != bool(given):
+            raise ConfigError(f"quick_gelu={bool(given)} was given, but the {source} uses {uses(value)}; "
+                              "the activation must match the weights")
+    values = {value for _, value in evidence}
+    if len(values) > 1:
+        yes = next(s for s, v in evidence if v)
+        no = next(s for s, v in evidence if not v)
+        raise ConfigError(f"QuickGELU evidence disagrees: the {yes} uses QuickGELU, the {no} uses GELU")
+    if given is not None:
+        return bool(given)
+    return values.pop() if values else False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _model_source(model: str) -> tuple[str, str, dict | None, dict]:
+    """(kind, name, model config, preprocess overrides) for an open_clip name, a config .json, hf-hub: or local-dir:."""
+    import open_clip
+
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):]).expanduser()
+        config_file = folder / "open_clip_config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"{model}: no open_clip_config.json in {folder}")
+        data = _read_json(config_file)
+        if not isinstance(data.get("model_cfg"), dict):
+            raise ConfigError(f"{config_file}: no 'model_cfg' object (open_clip's local-dir format)")
+        return "local-dir", model, data["model_cfg"], data.get("preprocess_cfg") or {}
+    if model.startswith("hf-hub:"):
+        return "hf-hub", model, None, {}
+    if model.endswith(".json") or Path(model).is_file():
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{model}: no such model-config file")
+        data = _read_json(path)
+        config = data.get("model_cfg", data)
+        if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
+            raise ConfigError(f"{path}: not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        return "config", path.stem, config, data.get("preprocess_cfg") or {}
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise ConfigError(f"{model!r} is neither an open_clip model name (see open_clip.list_models()) nor a "
+                          "model-config .json file, hf-hub: or local-dir:")
+    return "name", model, config, {}
+
+
+def _local_dir_weights(model: str) -> Path:
+    # open_clip 3.3's own choice of weights file in a local-dir: (factory._find_checkpoint_in_dir)
+    folder = Path(model[len("local-dir:"):]).expanduser()
+    found = [p for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext)]
+    if not found:
+        raise CheckpointError(f"{model}: no weights (*.safetensors, *.bin, *.pth) in {folder}")
+    preferred = ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                 "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
+                 "model.pth"]
+    found.sort(key=lambda p: (preferred.index(p.name) if p.name in preferred else len(preferred),
+                              p.suffix != ".safetensors", p.name))
+    return found[0]
+
+
+def _instantiate(name: str, config: dict, quick_gelu: bool) -> torch.nn.Module:
+    """An open_clip model from a config dict, class chosen as open_clip.create_model does; random weights."""
+    from open_clip.model import CLIP, CustomTextCLIP
+    from open_clip.coca_model import CoCa
+
+    cfg = copy.deepcopy(config)
+    cfg["quick_gelu"] = quick_gelu
+    cfg.pop("preprocess_cfg", None)
+    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    # The checkpoint supplies every weight: never download base towers.
+    if "timm_model_name" in cfg.get("vision_cfg", {}):
+        cfg["vision_cfg"]["timm_model_pretrained"] = False
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        cfg["text_cfg"]["hf_model_pretrained"] = False
+    cls = (CoCa if "multimodal_cfg" in cfg else CustomTextCLIP) if custom_text else CLIP
+    try:
+        return cls(**cfg)
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:
+        raise ConfigError(f"{name}: open_clip's {cls.__name__} does not accept this model config ({exc})") from None
+
+
+def _preprocess(clip, overrides: dict) -> dict:
+    """Set open_clip's preprocess cfg on a model built here (defaults + overrides, size from the tower)."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = merge_preprocess_dict(PreprocessCfg(), overrides or {})
+    cfg["size"] = getattr(clip.visual, "image_size", cfg["size"])
+    open_clip.set_model_preprocess_cfg(clip, cfg)
+    return cfg
+
+
+def _preprocess_summary(cfg: dict) -> dict:
+    def three(v):
+        return [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * 3
+
+    size = cfg.get("size", 224)
+    if not isinstance(size, int):
+        size = int(size[0]) if len(set(size)) == 1 else [int(s) for s in size]
+    return {"image_size": size, "mean": three(cfg["mean"]), "std": three(cfg["std"]),
+            "interpolation": cfg.get("interpolation") or "bicubic", "resize_mode": cfg.get("resize_mode") or "shortest"}
+
+
+def _load_into(clip, ckpt: Checkpoint) -> bool:
+    """Load a checkpoint into ``clip``: the visual tower always, the text side when complete. Returns has_text."""
+    visual_ref = clip.visual.state_dict()
+    prefix, got = _split_visual(ckpt, visual_ref)
+    visual = _validate(ckpt.path, got, visual_ref, "visual tower")
+    clip.visual.load_state_dict(visual)
+    if not prefix.endswith(VISUAL):
+        return False  # a visual-only file
+    base = prefix[: -len(VISUAL)]
+    text_ref = {k: v for k, v in clip.state_dict().items() if not k.startswith(VISUAL)}
+    text = {k[len(base):]: v for k, v in ckpt.tensors.items() if k.startswith(base) and not k.startswith(prefix)}
+    if not text_ref.keys() <= text.keys():
+        return False  # e.g. task_vectors pickles: text transformer deleted, leftovers only
+    for key in ("logit_scale", "logit_bias"):  # a scalar in open_clip, a 1-element vector in some exports
+        if key in text and key in text_ref and text[key].numel() == text_ref[key].numel():
+            text[key] = text[key].reshape(text_ref[key].shape)
+    text = _validate(ckpt.path, text, text_ref, "text tower", allow_unexpected=True)
+    clip.load_state_dict({**text, **{VISUAL + k: v for k, v in visual.items()}})
+    return True
+
+
+def load_pretrained(model: str, pretrained: str | None, quick_gelu: bool | None = None) -> PretrainedModel:
+    """The pretrained CLIP.
+
+    ``model``: an open_clip model name, a model-config .json file (built here; nothing is registered in open_clip),
+    ``hf-hub:org/repo`` or ``local-dir:/path`` (a folder with open_clip's ``open_clip_config.json`` =
+    ``{"model_cfg": {...}, "preprocess_cfg": {...}}`` and a weights file, chosen by open_clip's preference order).
+    ``pretrained``: an open_clip tag (open_clip downloads it), a checkpoint file of any layout of this module (whole
+    CLIP -> has_text; visual tower only -> has_text False), or None for hf-hub:/local-dir:, whose weights come along;
+    a file given with them replaces those weights.
+    """
+    import open_clip
+
+    model = str(model)
+    kind, name, config, preprocess_overrides = _model_source(model)
+    if kind == "hf-hub":
+        try:
+            config = open_clip.get_model_config(model)
+        except Exception as exc:
+            raise CheckpointError(f"{model}: could not fetch its open_clip config from the Hugging Face Hub "
+                                  f"(no network? use local-dir: or a config .json with a weights file): {exc}") from None
+    tag, ckpt = None, None
+    if pretrained is not None:
+        pretrained = str(pretrained)
+        if kind == "name" and open_clip.get_pretrained_cfg(name, pretrained):
+            tag = pretrained
+        elif Path(pretrained).expanduser().is_file():
+            ckpt = read_checkpoint(pretrained)
+        elif "/" in pretrained or Path(pretrained).suffix in WEIGHT_SUFFIXES or kind != "name":
+            raise CheckpointError(f"{pretrained}: no such file" + (
+                "" if kind == "name" else f" (pretrained tags exist only for open_clip model names, not {model})"))
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise CheckpointError(f"{pretrained!r} is neither a file nor an open_clip pretrained tag for {name} "
+                                  f"(tags: {', '.join(tags) or 'none'})")
+    elif kind == "local-dir":
+        ckpt = read_checkpoint(_local_dir_weights(model))
+    elif kind != "hf-hub":
+        raise ConfigError(f"{model}: give pretrained weights (an open_clip tag or a checkpoint file)")
+
+    evidence = []
+    if name.endswith("-quickgelu"):
+        evidence.append((f"model name {name!r}", True))
+    elif config and "quick_gelu" in config:
+        evidence.append((f"model config of {model}", bool(config["quick_gelu"])))
+    if tag:
+        tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+        evidence.append((f"pretrained tag {tag!r}", tag in catalog.quick_gelu_tags() or bool(tag_cfg.get("quick_gelu"))))
+    if ckpt is not None and ckpt.quick_gelu is not None:
+        evidence.append((f"checkpoint {ckpt.path}", ckpt.quick_gelu))
+    qg = resolve_quick_gelu(quick_gelu, evidence)
+
+    if ckpt is None:  # a tag, or hf-hub: with its own weights: open_clip downloads and loads the whole CLIP
+        try:
+            clip = open_clip.create_model(name, pretrained=tag, force_quick_gelu=qg, require_pretrained=True)
+        except Exception as exc:
+            what = f"the pretrained weights {tag!r}" if tag else "its weights"
+            raise CheckpointError(f"{name}: open_clip could not download or load {what} (no network? give a "
+                                  f"checkpoint file instead): {exc}") from None
+        preprocess = open_clip.get_model_preprocess_cfg(clip)
+        has_text = True
+    else:
+        clip = _instantiate(name, config, qg)
+        preprocess = _preprocess(clip, preprocess_overrides)
+        has_text = _load_into(clip, ckpt)
+    clip = clip.float().eval().requires_grad_(False)
+    return PretrainedModel(model=clip, name=name, pretrained=pretrained or (str(ckpt.path) if ckpt else model),
+                           quick_gelu=qg, config={**copy.deepcopy(config), "quick_gelu": qg}, has_text=has_text,
+                           preprocess=_preprocess_summary(preprocess))
+
+
+# ---------------------------------------------------------------- finding files in a checkpoint tree
+
+
+def _bases(root, model_name: str | None) -> list[Path]:
+    """<root>/<model_name> (and without -quickgelu) where such folders exist, then <root>."""
+    root = Path(root).expanduser()
+    bases = []
+    if model_name and ":" not in model_name and "/" not in model_name and "\\" not in model_name:
+        for name in (model_name, model_name.removesuffix("-quickgelu")):
+            if (root / name).is_dir() and root / name not in bases:
+                bases.append(root / name)
+    return bases + [root]
+
+
+def _task_dirs(task: str) -> list[str]:
+    return [task] if task.endswith("Val") else [f"{task}Val", task]
+
+
+def find_task_checkpoints(root, tasks: list[str], model_name: str | None = None) -> dict[str, Path]:
+    """Task -> fine-tuned checkpoint file. MissingCheckpoints lists every task without one.
+
+    Rule: the first hit, searching ``<root>/<model_name>`` before ``<root>``; in each, the folder ``<Task>Val`` (the
+    TSV/MASS authors' checkpoints, those behind their published numbers) before ``<Task>``; in a folder
+    ``nonlinear_finetuned.pt``, ``finetuned.pt``, ``finetuned.safetensors``, ``pytorch_model.bin``,
+    ``model.safetensors``.
+    """
+    found, missing = {}, []
+    bases = _bases(root, model_name)
+    for task in tasks:
+        hit = next((base / d / f for base in bases for d in _task_dirs(task) for f in TASK_FILES
+                    if (base / d / f).is_file()), None)
+        if hit is None:
+            missing.append(task)
+        else:
+            found[task] = hit
+    if missing:
+        raise MissingCheckpoints(root, missing)
+    return found
+
+
+def find_pretrained(root, model_name: str | None = None) -> Path | None:
+    """zeroshot.pt / zeroshot.safetensors under <root>/<model_name> or <root>, else None."""
+    return next((base / f for base in _bases(root, model_name) for f in PRETRAINED_FILES if (base / f).is_file()), None)
+
+
+def discover_tasks(root, model_name: str | None = None) -> list[str]:
+    """Sorted task names with a checkpoint under the tree (a ``<Task>Val`` folder counts as task ``<Task>``)."""
+    names = set()
+    for base in _bases(root, model_name):
+        if not base.is_dir():
+            continue
+        for folder in base.iterdir():
+            if folder.is_dir() and any((folder / f).is_file() for f in TASK_FILES):
+                name = folder.name
+                names.add(name[:-3] if name.endswith("Val") and len(name) > 3 else name)
+    return sorted(names)
+
+
+def find_heads(root, tasks, model_name: str | None = None) -> dict[str, Path]:
+    """Task -> head_<Task>(.pt|.safetensors) where present (beside the task folders, or inside one)."""
+    found = {}
+    for task in tasks:
+        candidates = [p for base in _bases(root, model_name) for d in _task_dirs(task) for s in HEAD_SUFFIXES
+                      for p in (base / f"head_{d}{s}", base / d / f"head_{d}{s}")]
+        hit = next((p for p in candidates if p.is_file()), None)
+        if hit is not None:
+            found[task] = hit
+    return found
+
+
+def load_head(path) -> torch.Tensor:
+    """A classification head's weight (C, D), fp32: a pickled ClassificationHead or a {"weight": ...} file."""
+    ckpt = read_checkpoint(path)
+    key = "weight" if "weight" in ckpt.tensors else None
+    if key is None:
+        weights = [k for k, v in ckpt.tensors.items() if k.endswith(".weight") and v.ndim == 2]
+        if len(weights) != 1:
+            raise CheckpointError(f"{ckpt.path}: no head 'weight' tensor among its keys: {_few(ckpt.tensors)}")
+        key = weights[0]
+    weight = ckpt.tensors[key]
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise CheckpointError(f"{ckpt.path}: head {key} is {_shape(weight)} {weight.dtype}, expected (classes, dim) float")
+    if not bool(torch.isfinite(weight).all()):
+        raise CheckpointError(f"{ckpt.path}: head {key} has non-finite values (NaN/Inf)")
+    bias = ckpt.tensors.get(key[: -len("weight")] + "bias")
+    if bias is not None and bool((bias != 0).any()):
+        raise CheckpointError(f"{ckpt.path}: the head has a nonzero bias; mass-export heads are weight-only")
+    if isinstance(ckpt.root, unpickle.StandIn) and ckpt.root.pickled_dict().get("normalize") is False:
+        raise CheckpointError(f"{ckpt.path}: the head has normalize=False; mass-export heads L2-normalise features")
+    return weight.detach().float()
+
+
+__all__ = ["Checkpoint", "PretrainedModel", "discover_tasks", "find_heads", "find_pretrained", "find_task_checkpoints",
+           "load_head", "load_pretrained", "load_visual", "read_checkpoint", "resolve_quick_gelu", "visual_state"]

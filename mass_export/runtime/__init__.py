@@ -1,0 +1,15 @@
+"""The torch-free runtime: numpy, onnxruntime, pillow, safetensors. Nothing here may import torch.
+
+    from mass_export.runtime import MassRuntime
+    runtime = MassRuntime.load("build/", providers=("cuda", "cpu"))
+    for p in runtime.classify(["cat.jpg", "digit.png"]):
+        print(p.path, p.task, p.class_name, p.score, p.error)
+"""
+
+from .backends import OrtRunner, Runner, make_runner
+from .engine import LRUCache, MassRuntime, Prediction
+from .images import IMAGE_EXTENSIONS, PathProblem, expand_paths, load_image
+from .preprocess import Preprocessor
+
+__all__ = ["MassRuntime", "Prediction", "Preprocessor", "Runner", "OrtRunner", "make_runner", "LRUCache",
+           "expand_paths", "PathProblem", "load_image", "IMAGE_EXTENSIONS"]
