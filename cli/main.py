@@ -66,6 +66,9 @@ def _echo_json(data) -> None:
 @click.option("--validate/--no-validate", default=True, help="Check the graphs against the torch reference.")
 @click.option("--atol", type=float, default=1e-4, help="Validation tolerance on features and logits.")
 @click.option("--opset", type=int, default=18)
+@click.option("--storage-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32",
+              help="Precision of the stored per-task factors and deltas (theta_pre stays fp32). fp16 halves them; "
+              "see the README for its measured accuracy effect.")
 @click.option("--validation-images", type=click.Path(exists=True, path_type=Path), multiple=True,
               help="Images for validation (default: scikit-image's sample photos).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")

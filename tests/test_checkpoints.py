@@ -61,6 +61,11 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def training_checkpoint(path, state):
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": t for k, t in state.items()}, "optimizer": {}}, path)
+    return path
+
+
 def whole(model, visual):
     return {**model.state_dict(), **{f"visual.{k}": v for k, v in visual.items()}}
 
@@ -77,8 +82,7 @@ LAYOUTS = {
     "whole CLIP state dict": lambda d, m, v: layouts.write_state_dict(d / "clip.bin", whole(m, v)),
     "whole CLIP safetensors under module.":
         lambda d, m, v: layouts.write_safetensors(d / "clip.safetensors", whole(m, v), "module."),
-    "open_clip training checkpoint": lambda d, m, v: torch.save(
-        {"epoch": 3, "state_dict": {f"module.{k}": t for k, t in whole(m, v).items()}}, d / "epoch_3.pt") or d / "epoch_3.pt",
+    "open_clip training checkpoint": lambda d, m, v: training_checkpoint(d / "epoch_3.pt", whole(m, v)),
     "safetensors named .bin": lambda d, m, v: layouts.write_safetensors(d / "weights.bin", v, "visual."),
 }
 
@@ -125,7 +129,8 @@ def test_load_pretrained_from_config_json(tmp_path, tiny, ref, config_file, layo
     path = {"task_vectors": lambda: layouts.write_task_vectors(tmp_path / "zeroshot.pt", tiny, "zeroshot"),
             "hf_bin": lambda: layouts.write_hf_bin(tmp_path / "pytorch_model.bin", tiny),
             "visual_only": lambda: layouts.write_safetensors(tmp_path / "v.safetensors", ref),
-            "whole_clip": lambda: layouts.write_safetensors(tmp_path / "zeroshot.safetensors", tiny.state_dict())}[layout]()
+            "whole_clip": lambda: layouts.write_safetensors(tmp_path / "zeroshot.safetensors", tiny.state_dict()),
+            }[layout]()
     pm = ck.load_pretrained(str(config_file), str(path))
     assert (pm.name, pm.pretrained, pm.has_text, pm.quick_gelu) == ("my-tiny-clip", str(path), has_text, False)
     assert pm.config == {**layouts.tiny_config(), "quick_gelu": False}
@@ -175,7 +180,7 @@ def test_quick_gelu_mismatch_refused(tmp_path, config_file, ref):
         ck.load_visual(qg, ref, quick_gelu=False)
     # the config file says QuickGELU, the pickle says GELU
     config_file.write_text(json.dumps({**layouts.tiny_config(), "quick_gelu": True}))
-    with pytest.raises(ConfigError, match="evidence disagrees: the model config .* QuickGELU, the checkpoint .*plain.pt"):
+    with pytest.raises(ConfigError, match="disagrees: the model config .* QuickGELU, the checkpoint .*plain.pt"):
         ck.load_pretrained(str(config_file), str(plain))
 
 
@@ -207,8 +212,10 @@ def test_other_architecture_refused(tmp_path, ref):
     config = layouts.tiny_config()
     config["vision_cfg"]["width"] = 96
     path = layouts.write_task_vectors(tmp_path / "other.pt", layouts.tiny_model(config=config))
-    with pytest.raises(CheckpointError, match=rf"other.pt: .*\n.*{C_FC}: checkpoint has \(384, 96\), pretrained has \(256, 64\)"):
+    with pytest.raises(CheckpointError) as err:
         ck.load_visual(path, ref)
+    assert str(path) in str(err.value)
+    assert "conv1.weight: checkpoint has (96, 3, 8, 8), pretrained has (64, 3, 8, 8)" in str(err.value)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -227,7 +234,7 @@ def test_missing_and_unexpected_keys_listed(tmp_path, ref, ft):
     with pytest.raises(CheckpointError) as err:
         ck.load_visual(path, ref)
     message = str(err.value)
-    assert "missing 2 visual tower key(s): ln_post.bias, proj" in message
+    assert "missing 2 visual tower key(s): proj, ln_post.bias" in message
     assert "unexpected 1 visual tower key(s): extra.weight" in message
 
 
@@ -254,7 +261,8 @@ def _gadgets(marker: Path):
             "builtins.eval": Gadget(builtins.eval, touch),
             "builtins.exec": Gadget(builtins.exec, touch),
             "subprocess.call": Gadget(subprocess.call, ["touch", str(marker)]),
-            "getattr gadget": Gadget(getattr, os, "system")}
+            # protocol 2 pickles a method as builtins.getattr(Path, "touch"): the classic getattr gadget
+            "getattr gadget": Gadget(Path.touch, marker)}
 
 
 @pytest.mark.parametrize("gadget", ["os.system", "builtins.eval", "builtins.exec", "subprocess.call", "getattr gadget"])
@@ -279,6 +287,7 @@ def test_malicious_pickle_refused_and_not_run(tmp_path, ref, tiny, gadget, write
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # writing the TorchScript case
 @pytest.mark.parametrize("case", ["zero-byte", "truncated pickle", "truncated safetensors", "text", "random bytes",
                                   "no tensors", "torchscript"])
 def test_broken_files_refused_by_name(tmp_path, tiny, ref, ft, case):
@@ -328,9 +337,9 @@ def test_head_with_bias_or_without_normalize_refused(tmp_path):
 
 
 def _tree(root: Path):
-    files = ["ViT-B-16/CarsVal/nonlinear_finetuned.pt", "ViT-B-16/Cars/finetuned.pt", "ViT-B-16/DTD/finetuned.safetensors",
-             "ViT-B-16/zeroshot.pt", "ViT-B-16/head_CarsVal.pt", "ViT-B-16/notes/README.txt",
-             "SVHN/pytorch_model.bin", "head_DTD.safetensors", "MNIST/linear_finetuned.pt"]
+    files = ["ViT-B-16/CarsVal/nonlinear_finetuned.pt", "ViT-B-16/Cars/finetuned.pt",
+             "ViT-B-16/DTD/finetuned.safetensors", "ViT-B-16/zeroshot.pt", "ViT-B-16/head_CarsVal.pt",
+             "ViT-B-16/notes/README.txt", "SVHN/pytorch_model.bin", "head_DTD.safetensors", "MNIST/linear_finetuned.pt"]
     for name in files:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).touch()
@@ -378,7 +387,7 @@ def test_local_dir(tmp_path, tiny, ref):
 def test_pretrained_argument_errors(tmp_path, config_file):
     with pytest.raises(ConfigError, match="give pretrained weights"):
         ck.load_pretrained("ViT-B-16", None)
-    with pytest.raises(CheckpointError, match="'no-such-tag' is neither a file nor an open_clip pretrained tag .*openai"):
+    with pytest.raises(CheckpointError, match=r"a file nor an open_clip pretrained tag for ViT-B-16 \(tags: openai"):
         ck.load_pretrained("ViT-B-16", "no-such-tag")
     with pytest.raises(CheckpointError, match="missing.pt: no such file"):
         ck.load_pretrained("ViT-B-16", str(tmp_path / "missing.pt"))

@@ -99,28 +99,30 @@ def read_checkpoint(path) -> Checkpoint:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         root = tensors
+    elif unpickle.is_torchscript(path):
+        raise CheckpointError(f"{path}: a TorchScript archive (e.g. OpenAI's JIT .pt), not loaded: it carries code. "
+                              "Use the open_clip tag (openai) or save its state_dict() instead")
     else:
-        try:
-            root = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # weights_only refuses any global beyond tensors: a pickled module (task_vectors) or a hostile file.
-            try:
-                root = unpickle.load_file(path)
-            except unpickle.UnsafePickle as exc:
-                raise CheckpointError(f"{path}: refused, nothing in it was run: {exc}") from None
-            except Exception as exc:
-                raise CheckpointError(f"{path}: not a readable torch checkpoint ({_reason(exc)})") from None
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({_reason(exc)})") from None
+        root = _torch_load(path)
     tensors, classes = unpickle.collect_tensors(root)
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors ({type(root).__name__})")
     return Checkpoint(path, tensors, classes, root)
 
 
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+def _torch_load(path: Path):
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # weights_only refuses any global beyond tensors: a pickled module (task_vectors) or a hostile file.
+            return unpickle.load_file(path)
+    except unpickle.UnsafePickle as exc:
+        raise CheckpointError(f"{path}: refused, nothing in it was run: {exc}") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, KeyError... on foreign bytes
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint (torch, safetensors or pickle): "
+                              f"{type(exc).__name__}: {first}") from None
 
 
 def _few(keys) -> str:
@@ -360,8 +362,8 @@ def load_pretrained(model: str, pretrained: str | None, quick_gelu: bool | None 
         try:
             config = open_clip.get_model_config(model)
         except Exception as exc:
-            raise CheckpointError(f"{model}: could not fetch its open_clip config from the Hugging Face Hub "
-                                  f"(no network? use local-dir: or a config .json with a weights file): {exc}") from None
+            raise CheckpointError(f"{model}: could not fetch its open_clip config from the Hugging Face Hub (no "
+                                  f"network? use local-dir: or a config .json with a weights file): {exc}") from None
     tag, ckpt = None, None
     if pretrained is not None:
         pretrained = str(pretrained)
@@ -388,7 +390,8 @@ def load_pretrained(model: str, pretrained: str | None, quick_gelu: bool | None 
         evidence.append((f"model config of {model}", bool(config["quick_gelu"])))
     if tag:
         tag_cfg = open_clip.get_pretrained_cfg(name, tag)
-        evidence.append((f"pretrained tag {tag!r}", tag in catalog.quick_gelu_tags() or bool(tag_cfg.get("quick_gelu"))))
+        tag_quick_gelu = tag in catalog.quick_gelu_tags() or bool(tag_cfg.get("quick_gelu"))
+        evidence.append((f"pretrained tag {tag!r}", tag_quick_gelu))
     if ckpt is not None and ckpt.quick_gelu is not None:
         evidence.append((f"checkpoint {ckpt.path}", ckpt.quick_gelu))
     qg = resolve_quick_gelu(quick_gelu, evidence)
@@ -493,7 +496,8 @@ def load_head(path) -> torch.Tensor:
         key = weights[0]
     weight = ckpt.tensors[key]
     if weight.ndim != 2 or not weight.is_floating_point():
-        raise CheckpointError(f"{ckpt.path}: head {key} is {_shape(weight)} {weight.dtype}, expected (classes, dim) float")
+        raise CheckpointError(f"{ckpt.path}: head {key} is {_shape(weight)} {weight.dtype}, "
+                              "expected (classes, dim) float")
     if not bool(torch.isfinite(weight).all()):
         raise CheckpointError(f"{ckpt.path}: head {key} has non-finite values (NaN/Inf)")
     bias = ckpt.tensors.get(key[: -len("weight")] + "bias")

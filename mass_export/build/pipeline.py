@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ class BuildConfig:
     validate: bool = True
     atol: float = 1e-4
     opset: int = 18
+    storage_dtype: str = "fp32"  # of the per-task factors and deltas; theta_pre stays fp32
     validation_images: list[Path] = field(default_factory=list)
     progress: bool = True
 
@@ -107,6 +109,8 @@ def load_heads(pretrained: ckpt.PretrainedModel, tasks, checkpoints) -> tuple[li
 def load(cfg: BuildConfig) -> Loaded:
     """Read checkpoints, compute deltas and the per-task truncated factors, heads and the method."""
     torch.set_grad_enabled(False)
+    if cfg.storage_dtype not in ("fp32", "fp16"):
+        raise ConfigError(f"--storage-dtype {cfg.storage_dtype!r}: choose fp32 or fp16")
     checkpoints = Path(cfg.checkpoints) if cfg.checkpoints else None
     model_stem = Path(cfg.model).stem if cfg.model.endswith(".json") else cfg.model
     source = cfg.pretrained
@@ -126,6 +130,9 @@ def load(cfg: BuildConfig) -> Loaded:
         parts.append(truncate_task(task_delta(visual_pre, finetuned), len(tasks), cfg.rank, cfg.split_qkv))
         del finetuned
     factors = stack_tasks(parts)
+    if cfg.storage_dtype == "fp16":
+        # Round now, so the reference, the validation and the runtime all see exactly what is stored.
+        factors = round_to_half(factors)
     bases = base_tasks(factors, cfg.base, cfg.redundancy_threshold)
     layers = len(pretrained.model.visual.transformer.resblocks)
     layer = cfg.routing_layer if cfg.routing_layer is not None else catalog.routing_layer(pretrained.name, layers)
@@ -140,6 +147,28 @@ def load(cfg: BuildConfig) -> Loaded:
     if router_basis_key(layer) not in factors.V:
         raise ConfigError(f"no stored factors for {router_basis_key(layer)}")
     return Loaded(pretrained, tasks, visual_pre, factors, bases, heads, classes, method)
+
+
+def round_to_half(factors: TaskFactors) -> TaskFactors:
+    def half(tensors):
+        return {k: v.half().float() for k, v in tensors.items()}
+
+    return TaskFactors(half(factors.U), factors.s, half(factors.V), half(factors.whole))
+
+
+def stored_dtype(tensors: dict, dtype: str) -> dict:
+    if dtype == "fp16":
+        return {k: v.half().contiguous() if v.dtype == torch.float32 and not k.endswith(".s") else v.contiguous()
+                for k, v in tensors.items()}
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def open_permissions(root: Path) -> None:
+    """Staging dirs come from mkdtemp (0700): give the build the user's usual modes so services can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def versions() -> dict:
@@ -169,8 +198,9 @@ def storage_report(root: Path, visual_pre: dict) -> dict:
 def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
     pm, method = loaded.pretrained, loaded.method
     save_file({k: v.contiguous() for k, v in loaded.visual_pre.items()}, str(stage / "pretrained.safetensors"))
-    save_file(factors_to_flat(loaded.factors, loaded.bases), str(stage / "factors.safetensors"))
-    save_file({k: v.contiguous() for k, v in loaded.factors.whole.items()}, str(stage / "deltas.safetensors"))
+    save_file(stored_dtype(factors_to_flat(loaded.factors, loaded.bases), cfg.storage_dtype),
+              str(stage / "factors.safetensors"))
+    save_file(stored_dtype(loaded.factors.whole, cfg.storage_dtype), str(stage / "deltas.safetensors"))
     save_file({"heads": torch.cat(loaded.heads).contiguous()}, str(stage / "heads.safetensors"))
     (stage / "classes.json").write_text(json.dumps(loaded.classes, indent=1) + "\n")
     offsets, offset = {}, 0
@@ -195,6 +225,7 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
         "graphs": graphs,
         "opset": cfg.opset,
         "precision": "fp32",
+        "storage_dtype": cfg.storage_dtype,
         "versions": versions(),
     }
     write_manifest(stage, manifest)
@@ -219,4 +250,5 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
                                     progress=cfg.progress)
             manifest = update_manifest(stage, validation=report)
         manifest = update_manifest(stage, build_seconds=round(time.perf_counter() - started, 2))
+        open_permissions(stage)
     return output, manifest

@@ -1,4 +1,4 @@
-"""A restricted unpickler for torch files that pickle whole modules (task_vectors' ``finetuned.pt``, ``head_<Task>.pt``).
+"""A restricted unpickler for torch files pickling whole modules (task_vectors' ``finetuned.pt``, ``head_<Task>.pt``).
 
 ``torch.load(weights_only=True)`` refuses these files because their globals name the authors' classes, and a plain
 ``torch.load`` would import and run whatever the file names. This module sits between the two: torch's own reader
@@ -18,8 +18,6 @@ import collections
 import pickle
 import sys
 import zipfile
-from pathlib import Path
-
 import torch
 
 
@@ -38,7 +36,7 @@ _TENSOR_REBUILDERS = {
 def _rebuild_from_type_v2(func, new_type, args, state):
     # Tensor subclasses pickle through this; keep the plain tensor and never touch the (stand-in) subclass.
     if func not in _TENSOR_REBUILDERS.values():
-        raise UnsafePickle(f"tensor rebuilt by {getattr(func, '__qualname__', func)!r}, which is not a tensor rebuild function")
+        raise UnsafePickle(f"tensor rebuilt by {getattr(func, '__qualname__', func)!r}, not a tensor rebuild function")
     return func(*args)
 
 
@@ -125,8 +123,9 @@ class Unpickler(pickle.Unpickler):
         key = (module, name)
         if key in _ALLOWED:
             return _ALLOWED[key]
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
+        value = getattr(torch, name, None) if module == "torch" else None
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            return value
         if is_dangerous(module, name):
             raise UnsafePickle(f"the pickle asks for {module}.{name}, which can run code")
         cls = self._stand_ins.get(key)
@@ -147,15 +146,19 @@ def loads(data: bytes, **kwargs):
     return load(io.BytesIO(data), **kwargs)
 
 
+def is_torchscript(path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+
+
 def load_file(path) -> object:
     """Unpickle a torch file without running anything it names. Raises pickle.UnpicklingError (UnsafePickle for
     hostile globals), RuntimeError or OSError for files torch cannot read."""
-    path = Path(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            if any(n.endswith("constants.pkl") for n in archive.namelist()):
-                # torch.load would hand a TorchScript archive to torch.jit.load, which runs its code.
-                raise pickle.UnpicklingError("a TorchScript archive (torch.jit.save), not a pickled checkpoint")
+    if is_torchscript(path):
+        # torch.load would hand it to torch.jit.load, which runs its code.
+        raise pickle.UnpicklingError("a TorchScript archive (torch.jit.save), not a pickled checkpoint")
     return torch.load(path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False)
 
 

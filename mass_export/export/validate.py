@@ -74,7 +74,7 @@ def validate_build(root: Path, reference, atol: float = 1e-4, images=(), batch_s
     every = range(stored.num_tasks)
     theta_mt = (stored.pretrained if manifest["method"]["router_on"] == "pretrained"
                 else task_set_weights(stored, every, keys=manifest["graphs"]["prefix"]["inputs"], base=True))
-    basis = stored.factors[f"transformer.resblocks.{manifest['method']['routing_layer']}.mlp.c_fc.weight"]["V"]
+    basis = stored.factors[f"transformer.resblocks.{manifest['method']['routing_layer']}.mlp.c_fc.weight"]["V"].astype(np.float32)
     diffs = {name: 0.0 for name in ("prefix", "router", "encoder", "heads", "end_to_end")}
     mismatched_sets, mismatched_predictions, weight_cache = [], [], {}
     eta, top_k = manifest["method"]["eta"], manifest["method"]["top_k"]
