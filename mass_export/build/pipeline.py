@@ -126,7 +126,7 @@ def load(cfg: BuildConfig) -> Loaded:
                   for k, v in ckpt.visual_state(pretrained.model).items()}
     parts = []
     for task in tqdm(tasks, desc="truncating task updates", unit="task", disable=not cfg.progress):
-        finetuned = ckpt.load_visual(paths[task], visual_pre)
+        finetuned = ckpt.load_visual(paths[task], visual_pre, pretrained.quick_gelu)
         parts.append(truncate_task(task_delta(visual_pre, finetuned), len(tasks), cfg.rank, cfg.split_qkv))
         del finetuned
     factors = stack_tasks(parts)
