@@ -11,7 +11,7 @@ PY=${PYTHON:-.venv/bin/python}
 [ -f "$WORK/ckpt/zeroshot.safetensors" ] || $PY benchmarks/make_checkpoints.py --model ViT-B-16 --tasks 8 --out "$WORK/ckpt"
 for dtype in fp32 fp16; do
   /usr/bin/time -v -o "$WORK/time-$dtype.txt" .venv/bin/mass-export build --model ViT-B-16 --checkpoints "$WORK/ckpt" \
-      --tasks 8 --storage-dtype $dtype -o "$WORK/build-$dtype" --force --json > "$WORK/manifest-$dtype.json"
+      --tasks 8 --storage-dtype $dtype --threads 1 -o "$WORK/build-$dtype" --force --json > "$WORK/manifest-$dtype.json"
   $PY - "$WORK" $dtype > "$OUT/build_vit_b16_8tasks_$dtype.json" <<'PYEOF'
 import json, re, sys, platform, os, time
 work, dtype = sys.argv[1], sys.argv[2]

@@ -66,6 +66,8 @@ def _echo_json(data) -> None:
 @click.option("--validate/--no-validate", default=True, help="Check the graphs against the torch reference.")
 @click.option("--atol", type=float, default=1e-4, help="Validation tolerance on features and logits.")
 @click.option("--opset", type=int, default=18)
+@click.option("--threads", type=int, default=None, help="torch threads for the SVDs, export and validation "
+              "(default: torch's). On a busy 2-core machine 1 is several times faster than 2.")
 @click.option("--storage-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32",
               help="Precision of the stored per-task factors and deltas (theta_pre stays fp32). fp16 halves them; "
               "see the README for its measured accuracy effect.")

