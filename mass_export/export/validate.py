@@ -74,7 +74,8 @@ def validate_build(root: Path, reference, atol: float = 1e-4, images=(), batch_s
     every = range(stored.num_tasks)
     theta_mt = (stored.pretrained if manifest["method"]["router_on"] == "pretrained"
                 else task_set_weights(stored, every, keys=manifest["graphs"]["prefix"]["inputs"], base=True))
-    basis = stored.factors[f"transformer.resblocks.{manifest['method']['routing_layer']}.mlp.c_fc.weight"]["V"].astype(np.float32)
+    layer = manifest["method"]["routing_layer"]
+    basis = stored.factors[f"transformer.resblocks.{layer}.mlp.c_fc.weight"]["V"].astype(np.float32)
     diffs = {name: 0.0 for name in ("prefix", "router", "encoder", "heads", "end_to_end")}
     mismatched_sets, mismatched_predictions, weight_cache = [], [], {}
     eta, top_k = manifest["method"]["eta"], manifest["method"]["top_k"]
@@ -94,6 +95,8 @@ def validate_build(root: Path, reference, atol: float = 1e-4, images=(), batch_s
         ref_predictions = reference.predict(x)
         for task_set, indices in group_by_task_set(ref_sets).items():
             if task_set not in weight_cache:
+                if len(weight_cache) >= 2:  # a real-size tower per entry: keep memory bounded
+                    weight_cache.pop(next(iter(weight_cache)))
                 weight_cache[task_set] = task_set_weights(stored, task_set)
             features = _run(graphs["encoder"], {"pixel_values": x[indices].numpy(), **weight_cache[task_set]})[0]
             ref_features = reference.encode(x[indices], task_set)

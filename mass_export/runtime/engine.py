@@ -125,7 +125,8 @@ class MassRuntime:
         else:
             theta_mt = task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True)
         self._prefix_inputs = runners["prefix"].upload(theta_mt)
-        basis = stored.factors[f"transformer.resblocks.{self.routing_layer}.mlp.c_fc.weight"]["V"].astype(np.float32)
+        basis = stored.factors[f"transformer.resblocks.{self.routing_layer}.mlp.c_fc.weight"]["V"]
+        basis = basis.astype(np.float32)  # fp16 builds store it half
         self._router_inputs = runners["router"].upload({"router_basis": basis})
         self._heads_inputs = runners["heads"].upload({"heads": heads})
         self.cache = LRUCache(cache_size, self._make_task_set_inputs)

