@@ -150,7 +150,7 @@ def _register_optional():
     from importlib import import_module
 
     for module, name in (("mass_export_cli.run_cmd", "run"), ("mass_export_cli.zoo_cmd", "zoo"),
-                         ("mass_export_cli.eval_cmd", "eval"), ("mass_export_cli.bench_cmd", "bench"),
+                         ("mass_export_cli.eval_cmd", "eval_command"), ("mass_export_cli.bench_cmd", "bench"),
                          ("mass_export_cli.demo_cmd", "demo")):
         try:
             main.add_command(getattr(import_module(module), name))

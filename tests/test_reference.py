@@ -37,10 +37,10 @@ def test_early_exit_and_grouping_equal_the_naive_two_pass(reference):
     assert [p.task_set for p in fast] == [p.task_set for p in naive]
     assert [(p.task_index, p.class_index) for p in fast] == [(p.task_index, p.class_index) for p in naive]
     worst = max(float((p.logits - q.logits).abs().max()) for p, q in zip(fast, naive))
-    # Only float summation order differs (batch of a group vs one image); logits are scaled by 100.
+    # Same weights, same groups: only the early exit and the cache differ, which must not change a bit.
     print(f"reference vs naive two-pass: max |logit diff| = {worst:.2e}")
-    assert worst < 1e-4
-    assert len({p.task_set for p in fast}) >= 1
+    assert worst <= 1e-6
+    assert len({p.task_set for p in fast}) >= 2, "the test should exercise several task sets"
 
 
 def test_task_set_cache_is_bounded(reference):

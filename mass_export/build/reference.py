@@ -114,7 +114,8 @@ class MassReference:
 
     @torch.no_grad()
     def predict_naive(self, images: torch.Tensor) -> list[Prediction]:
-        """The authors' way: the whole first pass runs (its output discarded), weights merged per sample."""
+        """The authors' way: the whole first pass runs (its output past the tap discarded) and each task set's
+        weights are merged again for every batch (SVD form, no cache)."""
         captured = {}
         c_fc = self.full.visual.transformer.resblocks[self.method.routing_layer].mlp.c_fc
         hook = c_fc.register_forward_hook(lambda module, args, output: captured.update(z=args[0][:, 0]))
@@ -127,11 +128,13 @@ class MassReference:
         else:
             probs = routing_probabilities(projection_residuals(captured["z"], self.basis), self.method.tau)
             task_sets = select_tasks(probs, self.method.eta, self.method.top_k)
-        out = []
-        for index, task_set in enumerate(task_sets):
+        out: list[Prediction | None] = [None] * len(task_sets)
+        for task_set in dict.fromkeys(task_sets):
+            indices = [i for i, s in enumerate(task_sets) if s == task_set]
             weights = merged_tower(self.pretrained, self.factors, task_set, self.method.alpha)
-            features = run_with(self.full, weights, images[index:index + 1])[0]
-            task, logits = choose_head(features, self.heads, task_set)
-            cls = int(logits.argmax())
-            out.append(Prediction(task, cls, float(logits[cls]), task_set, logits, probs[index]))
+            features = run_with(self.full, weights, images[indices])
+            for row, index in enumerate(indices):
+                task, logits = choose_head(features[row], self.heads, task_set)
+                cls = int(logits.argmax())
+                out[index] = Prediction(task, cls, float(logits[cls]), task_set, logits, probs[index])
         return out

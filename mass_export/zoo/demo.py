@@ -100,3 +100,9 @@ def run_demo(out: Path = Path("demo"), per_task: int = 50, batch_size: int = 64,
         echo(f"  {path}  ->  {p.task} / {p.class_name}  {p.score:.1f}  {list(p.task_set)}")
     echo(f"\nnext: mass-export run {images_dir} --build {build_dir}  |  mass-export eval  |  mass-export bench")
     return report
+
+
+def zoo_root(build_dir: Path) -> Path:
+    """The zoo checkpoints a demo build was made from (they sit beside it)."""
+    build_dir = Path(build_dir)
+    return build_dir.with_name(build_dir.name.removesuffix("-build"))
