@@ -99,9 +99,8 @@ def build(as_json, validation_images, **options):
 @click.option("--atol", type=float, default=1e-4)
 @click.option("--images", "image_paths", type=click.Path(exists=True, path_type=Path), multiple=True,
               help="Images to validate on (default: scikit-image's sample photos).")
-@click.option("--checkpoints-from-manifest/--no-checkpoints-from-manifest", default=True, hidden=True)
 @click.option("--json", "as_json", is_flag=True)
-def validate(build_dir, atol, image_paths, checkpoints_from_manifest, as_json):
+def validate(build_dir, atol, image_paths, as_json):
     """Re-run the ONNX graphs against the torch reference rebuilt from the build's stored parts."""
     from mass_export.export.validate import validate_build
     from mass_export.build.stored import reference_from_build
@@ -145,18 +144,12 @@ def inspect(build_dir, as_json):
                    f"max|diff|={max(manifest['validation']['max_abs_diff'].values()):.2e}")
 
 
-def _register_optional():
-    # Commands living in their own modules; each imports its heavy dependencies lazily.
-    from importlib import import_module
+# Each command module imports its heavy dependencies (torch, onnx) only when the command runs.
+from .bench_cmd import bench  # noqa: E402
+from .demo_cmd import demo  # noqa: E402
+from .eval_cmd import eval_command  # noqa: E402
+from .run_cmd import run  # noqa: E402
+from .zoo_cmd import zoo  # noqa: E402
 
-    for module, name in (("mass_export_cli.run_cmd", "run"), ("mass_export_cli.zoo_cmd", "zoo"),
-                         ("mass_export_cli.eval_cmd", "eval_command"), ("mass_export_cli.bench_cmd", "bench"),
-                         ("mass_export_cli.demo_cmd", "demo")):
-        try:
-            main.add_command(getattr(import_module(module), name))
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
-
-
-_register_optional()
+for command in (run, demo, zoo, eval_command, bench):
+    main.add_command(command)
