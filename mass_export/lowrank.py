@@ -37,9 +37,8 @@ def tsvm_factors(U: np.ndarray, s: np.ndarray, V: np.ndarray) -> tuple[np.ndarra
     U_cat = np.ascontiguousarray(np.transpose(U, (1, 0, 2)).reshape(m, num_tasks * k), dtype=np.float64)
     V_cat = np.ascontiguousarray(V.reshape(num_tasks * k, -1), dtype=np.float64)
     s_cat = s.reshape(-1).astype(np.float64)
-    if num_tasks == 1:
-        # A single task's U, V are orthonormal already: its truncated update, no Gram step needed.
-        return U_cat * s_cat, V_cat
+    # No shortcut for a single task: stored U, V are orthonormal only to their storage precision (fp16 builds:
+    # ~1e-3), and the polar step the reference applies must be applied here too.
     middle = inverse_sqrt_psd(U_cat.T @ U_cat) @ (s_cat[:, None] * inverse_sqrt_psd(V_cat @ V_cat.T))
     return U_cat @ middle, V_cat
 
