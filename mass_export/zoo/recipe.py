@@ -3,15 +3,20 @@
 A recipe names the tasks, the tiny open_clip model config, the seed and the training schedules::
 
     {"name": "default", "seed": 0, "model_config": "tiny-clip.json", "image_size": 32,
-     "tasks": ["Digits", "MNIST", "FashionMNIST", "Textures"], "threads": 1,
-     "pretrain": {"steps": 400, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.1, "warmup": 40},
-     "finetune": {"steps": 300, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.1, "warmup": 20, "augment": true},
+     "tasks": ["Digits", "MNIST", "FashionMNIST", "Textures"], "threads": 1, "routing_layer": 5,
+     "pretrain": {"steps": 800, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.1, "warmup": 40,
+                  "freeze_token_embedding": true, "domain_caption_prob": 0.0, "augment": false},
+     "finetune": {"steps": 250, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.0, "warmup": 20,
+                  "augment": true, "optimizer": "adamw"},
      "limit": {"pretrain": null, "finetune": null, "test": null}}
 
 ``model_config`` is a file name next to the recipe (or in ``models/zoo/``) or an inline dict; it is inlined when
 the recipe is resolved, so the cache key covers the architecture too. ``limit`` caps the samples per task and
-split (the first N of each split; for fast test recipes). ``finetune`` may hold per-task overrides under
-``"per_task": {"Task": {...}}``.
+split (a fixed class-mixed subset; for fast test recipes). ``finetune`` may hold per-task overrides under
+``"per_task": {"Task": {...}}``. ``routing_layer`` is not used for training: it records the routing block the
+recipe study (docs/zoo-recipes.md) found best, and is copied into zoo.json for the build.
+``pretrain.domain_caption_prob``: the share of pretraining captions that name only the task's domain
+(``"domain"`` in models/datasets/<task>.json) instead of the class. ``finetune.optimizer``: "adamw" or "sgd".
 """
 
 from __future__ import annotations
@@ -25,15 +30,15 @@ from ..errors import ConfigError
 from .datasets import _models_dir
 
 # Bump when the training code changes what a recipe produces, so stale caches are not reused.
-ZOO_CODE_VERSION = 5
+ZOO_CODE_VERSION = 1
 
 DEFAULTS = {
     "name": "custom",
     "seed": 0,
     "image_size": 32,
     "threads": 1,
-    "pretrain": {"steps": 400, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.1, "warmup": 40},
-    "finetune": {"steps": 300, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.1, "warmup": 20, "augment": True},
+    "pretrain": {"steps": 800, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.1, "warmup": 40},
+    "finetune": {"steps": 250, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.0, "warmup": 20, "augment": True},
     "limit": {"pretrain": None, "finetune": None, "test": None},
 }
 

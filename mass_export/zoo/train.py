@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import class_names, load_split, templates
+from .datasets import class_names, load_split, task_info, templates
 from .recipe import load_recipe, recipe_hash
 
 # open_clip's default (OpenAI) normalisation: the zoo model keeps the default preprocessing of a config file.
@@ -146,6 +146,8 @@ def pretrain(model, recipe: dict, tokenizer, progress=True) -> list[float]:
     offsets = np.cumsum([0] + [len(class_names(t)) for t in tasks])
     names = [class_names(t) for t in tasks]
     temps = [templates(t) for t in tasks]
+    domain_prob = float(cfg.get("domain_caption_prob", 0.0))
+    domains = [task_info(t).get("domain", f"a picture from {t}.") for t in tasks]
     # The text tower sees ~100 distinct tokens: freezing the (random) token embedding saves a 49408-row update
     # per step (~30% of the step time) and changes little.
     model.token_embedding.weight.requires_grad_(not cfg.get("freeze_token_embedding", False))
@@ -166,10 +168,17 @@ def pretrain(model, recipe: dict, tokenizer, progress=True) -> list[float]:
             if cfg.get("augment", False):
                 images = augment(images, rng)
             prompts = [temps[t][rng.integers(len(temps[t]))].format(c) for t in range(len(tasks)) for c in names[t]]
+            targets = np.concatenate(targets)
+            if domain_prob > 0:
+                # Some captions name only the domain ("a close-up photo of a texture."), as web captions often
+                # do: the base learns what kind of image it sees more than which class (lower zero-shot).
+                prompts += domains
+                task_of = np.searchsorted(offsets, targets, side="right") - 1
+                targets = np.where(rng.random(len(targets)) < domain_prob, offsets[-1] + task_of, targets)
             image_features = F.normalize(model.encode_image(to_tensor(images)), dim=-1)
             text_features = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
             logits = model.logit_scale.exp() * image_features @ text_features.T
-            loss = F.cross_entropy(logits, torch.from_numpy(np.concatenate(targets)))
+            loss = F.cross_entropy(logits, torch.from_numpy(targets))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -292,6 +301,8 @@ def _build_into(out: Path, recipe: dict, digest: str, progress: bool, base_cache
         "recipe_hash": digest,
         "tasks": list(recipe["tasks"]),
         "seed": seed,
+        # The block the recipe study found best for routing this zoo (pass it as the build's routing layer).
+        "routing_layer": recipe.get("routing_layer"),
         "threads": torch.get_num_threads(),
         "wall_time_s": round(wall, 2),
         "pretrain_time_s": round(base_seconds, 2),
