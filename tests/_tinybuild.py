@@ -1,60 +1,41 @@
-"""A small real build directory (random tiny open_clip tower, 4 tasks), written with the build room's own
-merge, export and manifest code. Used by the runtime tests until (and beside) the lead's ``zoo_build``."""
+"""A small real build directory (random tiny open_clip CLIP, 4 tasks) made by `mass-export build` from real files."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
-CONFIG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8,
-                                          "head_width": 32}}
-CLASSES = {"Alpha": ["a0", "a1", "a2"], "Beta": ["b0", "b1", "b2", "b3", "b4"], "Gamma": ["g0", "g1", "g2", "g3"],
-           "Delta": ["d0", "d1"]}
-PREPROCESS = {"image_size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
-              "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
+CLASSES = {"Alpha": 3, "Beta": 5, "Gamma": 4, "Delta": 2}
+CONFIG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 32},
+          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 
 
 def make_tiny_build(output: Path, num_tasks: int = 4) -> Path:
-    """Write the build (the first ``num_tasks`` tasks) at ``output`` unless it is there already."""
+    """Checkpoint files of a random tiny CLIP and ``num_tasks`` fine-tunes, built by the real `build` pipeline
+    (once: an existing build at ``output`` is reused)."""
     output = Path(output)
     if (output / "manifest.json").is_file():
         return output
     import torch
-    from open_clip.model import _build_vision_tower
-    from safetensors.torch import save_file
 
-    from mass_export.build import merge
-    from mass_export.build.reference import Method
-    from mass_export.export.graphs import export_all
-    from mass_export.manifest import staged_directory, write_manifest
+    from layouts import tiny_model, write_head, write_safetensors
+    from mass_export.build.pipeline import BuildConfig, build
 
-    classes = dict(list(CLASSES.items())[:num_tasks])
-    torch.manual_seed(0)
-    visual = _build_vision_tower(CONFIG["embed_dim"], CONFIG["vision_cfg"], quick_gelu=False).eval()
-    pre = {k: v.detach().clone() for k, v in visual.state_dict().items()}
-    # Task updates large enough that the router is confident on some images and splits on others.
-    finetuned = [{k: v + 0.05 * torch.randn_like(v) for k, v in pre.items()} for _ in classes]
-    factors = merge.task_factors([merge.task_delta(pre, f) for f in finetuned])
-    bases = merge.base_tasks(factors)
-    heads = [torch.nn.functional.normalize(torch.randn(len(c), CONFIG["embed_dim"]), dim=-1) * 100
-             for c in classes.values()]
-    method = Method(routing_layer=2)
-    with staged_directory(output, force=True) as stage:
-        save_file({k: v.contiguous() for k, v in pre.items()}, str(stage / "pretrained.safetensors"))
-        save_file(merge.factors_to_flat(factors, bases), str(stage / "factors.safetensors"))
-        save_file({k: v.contiguous() for k, v in factors.whole.items()}, str(stage / "deltas.safetensors"))
-        save_file({"heads": torch.cat(heads).contiguous()}, str(stage / "heads.safetensors"))
-        (stage / "classes.json").write_text(json.dumps(classes))
-        graphs = export_all(visual, pre, factors.V["transformer.resblocks.2.mlp.c_fc.weight"], torch.cat(heads),
-                            method, stage)
-        offsets, offset = {}, 0
-        for task, names in classes.items():
-            offsets[task], offset = {"offset": offset, "classes": len(names)}, offset + len(names)
-        write_manifest(stage, {
-            "model": {"name": "tiny", "pretrained": "random", "quick_gelu": False, "config": CONFIG, **PREPROCESS},
-            "tasks": list(classes), "method": asdict(method), "heads": offsets, "graphs": graphs, "opset": 18,
-            "precision": "fp32"})
+    tree = output.with_name(output.name + "-checkpoints")
+    tree.mkdir(parents=True, exist_ok=True)
+    (tree / "tiny.json").write_text(json.dumps(CONFIG))
+    model = tiny_model(seed=0, config=CONFIG)
+    write_safetensors(tree / "zeroshot.safetensors", model.state_dict())
+    pre = {k: v.detach() for k, v in model.visual.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    for task, count in list(CLASSES.items())[:num_tasks]:
+        # Task updates large enough that the router is confident on some images and splits on others.
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in pre.items()}
+        write_safetensors(tree / task / "finetuned.safetensors", state, prefix="visual.")
+        head = torch.nn.functional.normalize(torch.randn(count, CONFIG["embed_dim"], generator=generator), dim=-1)
+        write_head(tree / f"head_{task}.safetensors", head * 100)
+    build(BuildConfig(model=str(tree / "tiny.json"), checkpoints=tree, tasks=list(CLASSES)[:num_tasks],
+                      routing_layer=2, output=output, progress=False))
     return output
 
 
