@@ -107,9 +107,9 @@ def load_heads(pretrained: ckpt.PretrainedModel, tasks, checkpoints) -> tuple[li
     return heads, classes
 
 
+@torch.no_grad()
 def load(cfg: BuildConfig) -> Loaded:
     """Read checkpoints, compute deltas and the per-task truncated factors, heads and the method."""
-    torch.set_grad_enabled(False)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.storage_dtype not in ("fp32", "fp16"):
@@ -235,6 +235,7 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
     return update_manifest(stage, storage=storage_report(stage, loaded.visual_pre))
 
 
+@torch.no_grad()
 def build(cfg: BuildConfig) -> tuple[Path, dict]:
     """Run the whole build; the output directory appears only complete and validated."""
     started = time.perf_counter()
