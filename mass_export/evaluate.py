@@ -116,10 +116,11 @@ def reference_predictions(reference, tests: list[TestSet], batch_size: int) -> l
     return rows
 
 
-def runtime_predictions(build_dir: Path, tests: list[TestSet], batch_size: int, tasks: list[str]) -> list[dict]:
+def runtime_predictions(build_dir: Path, tests: list[TestSet], batch_size: int, tasks: list[str],
+                        cache_size: int = 4) -> list[dict]:
     from .runtime import MassRuntime
 
-    runtime = MassRuntime.load(build_dir)
+    runtime = MassRuntime.load(build_dir, cache_size=cache_size)
     rows = []
     for test in tests:
         for x in _batches(test.pixels, batch_size):
@@ -128,6 +129,13 @@ def runtime_predictions(build_dir: Path, tests: list[TestSet], batch_size: int, 
                              "task_set": tuple(tasks.index(t) for t in p.task_set),
                              "probs": np.array([p.probs[t] for t in tasks])})
     return rows
+
+
+def cache_budget(build_dir: Path, num_tasks: int, budget_bytes: int = 4 << 30) -> int:
+    """Task sets to keep merged while scoring thousands of images: every possible set for small towers, as many
+    as fit in ~4 GiB for big ones (re-merging a set per batch would dominate the evaluation's time)."""
+    tower = (Path(build_dir) / "pretrained.safetensors").stat().st_size
+    return max(4, min(2 ** num_tasks - 1, budget_bytes // max(tower, 1)))
 
 
 def summarise(per_task: dict, finetuned: dict | None) -> dict:
@@ -150,7 +158,7 @@ def evaluate(build_dir: Path, checkpoints: Path | None = None, data: Path | None
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     tasks, classes = manifest["tasks"], json.loads((build_dir / "classes.json").read_text())
-    reference = reference_from_build(build_dir)
+    reference = reference_from_build(build_dir, cache_size=cache_budget(build_dir, len(tasks)))
     preprocessor = Preprocessor.from_manifest(manifest["model"])
     tests = (folder_test_sets(Path(data), tasks, classes, preprocessor) if data
              else zoo_test_sets(tasks, preprocessor, limit))
@@ -196,7 +204,7 @@ def evaluate(build_dir: Path, checkpoints: Path | None = None, data: Path | None
     bar.update()
     runtime_report = None
     if with_runtime:
-        onnx_rows = runtime_predictions(build_dir, tests, batch_size, tasks)
+        onnx_rows = runtime_predictions(build_dir, tests, batch_size, tasks, reference.cache_size)
         agree = float(np.mean([(a["task_index"], a["class_index"], tuple(a["task_set"])) ==
                                (b["task_index"], b["class_index"], tuple(b["task_set"]))
                                for a, b in zip(ref_rows, onnx_rows)]))
@@ -213,7 +221,7 @@ def evaluate(build_dir: Path, checkpoints: Path | None = None, data: Path | None
     for layer in routing_layers or []:
         method = dataclasses.replace(reference.method, routing_layer=layer)
         swept = MassReference(reference.full.visual, pre, factors, no_redundancy if method.base == "no-redundancy"
-                              else {k: list(every) for k in factors.U}, heads, method)
+                              else {k: list(every) for k in factors.U}, heads, method, reference.cache_size)
         scores = mass_scores(reference_predictions(swept, tests, batch_size), tests, tasks, classes)
         sweep[str(layer)] = {"mass": summarise(scores["strict"], finetuned),
                              "router_top1": float(np.mean(list(scores["router_top1"].values()))),
