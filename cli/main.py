@@ -121,14 +121,21 @@ def validate(build_dir, atol, image_paths, as_json):
 
 @main.command()
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--memory", is_flag=True, help="Also measure the runtime's peak resident memory (loads the build "
+              "and classifies a batch of 16 in a fresh process).")
 @click.option("--json", "as_json", is_flag=True)
-def inspect(build_dir, as_json):
+def inspect(build_dir, memory, as_json):
     """Show a build: model, tasks, method, storage per part, validation."""
-    from mass_export.manifest import read_manifest
+    from mass_export.manifest import read_manifest, update_manifest
 
     manifest = read_manifest(build_dir)
+    if memory:
+        from mass_export.bench import runtime_memory
+
+        manifest = update_manifest(build_dir, runtime_memory=runtime_memory(build_dir))
     if as_json:
-        _echo_json({k: manifest.get(k) for k in ("model", "tasks", "method", "heads", "storage", "validation")})
+        _echo_json({k: manifest.get(k) for k in ("model", "tasks", "method", "heads", "storage", "validation",
+                                                  "runtime_memory")})
         return
     model, method, storage = manifest["model"], manifest["method"], manifest["storage"]
     click.echo(f"model      {model['name']} ({model['pretrained']}), quick_gelu={model['quick_gelu']}, "
@@ -139,6 +146,10 @@ def inspect(build_dir, as_json):
     click.echo("storage    part              MiB    x fp32 tower")
     for part, size in {**storage["bytes"], "total": storage["total_bytes"]}.items():
         click.echo(f"           {part:<16}{size / 2**20:>7.1f}    {storage['factor_of_tower'][part]:.3f}")
+    if manifest.get("runtime_memory"):
+        rm = manifest["runtime_memory"]
+        click.echo(f"runtime    peak RSS {rm['peak_rss_mib']:.0f} MiB (load + one batch of {rm['batch']}), "
+                   f"load {rm['load_seconds']} s")
     if manifest.get("validation"):
         click.echo(f"validation passed={manifest['validation']['passed']} "
                    f"max|diff|={max(manifest['validation']['max_abs_diff'].values()):.2e}")

@@ -125,6 +125,33 @@ def variants(runtime, build_dir: Path, manifest: dict, pixels: np.ndarray, tmp: 
     return out
 
 
+_MEASURE_RUNTIME = """
+import json, resource, sys, time
+import numpy as np
+from mass_export.runtime import MassRuntime
+started = time.perf_counter()
+runtime = MassRuntime.load(sys.argv[1], threads=int(sys.argv[3]) or None)
+loaded = time.perf_counter() - started
+height, width = runtime.preprocessor.image_size
+pixels = np.random.default_rng(0).standard_normal((int(sys.argv[2]), 3, height, width), dtype=np.float32)
+runtime.predict(pixels)
+print(json.dumps({"load_seconds": round(loaded, 2), "batch": int(sys.argv[2]),
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "torch_imported": "torch" in sys.modules}))
+"""
+
+
+def runtime_memory(build_dir, batch: int = 16, threads: int | None = None) -> dict:
+    """Peak resident memory of the torch-free runtime loading the build and classifying one batch, measured in
+    a fresh process (this one may hold torch and the reference)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEASURE_RUNTIME, str(build_dir), str(batch), str(threads or 0)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def gpu_name() -> str | None:
     try:
         import subprocess
@@ -192,7 +219,8 @@ def run_bench(build_dir, batch_sizes=(1, 16), warmup: int = 2, iterations: int =
         "threads": threads, "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                         "cpus": os.cpu_count(), "gpu": gpu, "peak_fp32_tflops": peak},
         "macs_per_image": {"plain_pass": macs_full, "first_pass": macs_prefix},
-        "storage": manifest.get("storage"), "results": rows,
+        "storage": manifest.get("storage"), "runtime_memory": runtime_memory(build_dir, max(batch_sizes), threads),
+        "results": rows,
     }
 
 

@@ -70,4 +70,5 @@ def test_bench_json_structure(zoo_build, tmp_path):
         assert row["images_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"] and row["time_ratio_to_plain"] > 0
     assert report["providers_active"]["encoder"] == ["CPUExecutionProvider"]
     assert report["storage"]["factor_of_tower"]["total"] > 1
+    assert report["runtime_memory"]["peak_rss_mib"] > 0 and report["runtime_memory"]["torch_imported"] is False
     assert (tmp_path / "b.csv").read_text().startswith("batch,variant,images_per_s")
