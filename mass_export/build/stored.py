@@ -26,8 +26,8 @@ def factors_from_flat(flat: dict[str, torch.Tensor], whole: dict[str, torch.Tens
         if field == "base":
             bases[key] = [int(i) for i in torch.nonzero(tensor).flatten()]
         else:
-            {"U": U, "s": s, "V": V}[field][key] = tensor
-    return TaskFactors(U, s, V, whole), bases
+            {"U": U, "s": s, "V": V}[field][key] = tensor.float()  # fp16 builds: compute in fp32
+    return TaskFactors(U, s, V, {k: v.float() for k, v in whole.items()}), bases
 
 
 def reference_from_build(root: Path, cache_size: int = 4) -> MassReference:
