@@ -50,10 +50,9 @@ def tower_macs(manifest: dict, layers: int | None = None, tap: bool = False) -> 
 def sample_pixels(runtime, batch: int, images=()) -> np.ndarray:
     """Preprocessed real photos (scikit-image samples unless images are given), repeated to the batch size."""
     if not images:
-        from skimage import data
-        from PIL import Image
+        from .runtime.images import sample_photos
 
-        images = [Image.fromarray(getattr(data, n)()) for n in ("astronaut", "chelsea", "coffee", "rocket", "camera")]
+        images = sample_photos()
     pixels = np.stack([runtime.preprocessor(runtime_image(i)) for i in images])
     return np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
 

@@ -47,7 +47,9 @@ def sample_images(folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "brick", "grass"):
+    from mass_export.runtime.images import SAMPLE_PHOTOS
+
+    for name in SAMPLE_PHOTOS:
         path = folder / f"{name}.png"
         if not path.exists():
             Image.fromarray(getattr(data, name)()).save(path)

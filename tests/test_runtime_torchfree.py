@@ -58,8 +58,7 @@ def runtime_venv(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     result = _pip(python, "-c", str(REPO / "constraints.txt"), *RUNTIME_DEPS)
-    if result.returncode:
-        pytest.skip(f"cannot install the runtime dependencies (no package index?): {result.stderr[-400:]}")
+    assert result.returncode == 0, f"cannot install the runtime dependencies: {result.stderr[-400:]}"
     # Install from a copy so building the wheel writes nothing into the working tree.
     source = root / "src"
     source.mkdir()
@@ -72,8 +71,7 @@ def runtime_venv(tmp_path_factory):
     if not (source / "README.md").exists():
         (source / "README.md").write_text("mass-export\n")
     result = _pip(python, "--no-deps", str(source))
-    if result.returncode and "setuptools" in result.stderr and "No matching distribution" in result.stderr:
-        pytest.skip(f"cannot fetch the build backend: {result.stderr[-400:]}")
+
     assert result.returncode == 0, result.stderr
     return venv
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import __version__, catalog
-from ..errors import CheckpointError, ConfigError
+from ..errors import BuildExists, CheckpointError, ConfigError
 from ..manifest import staged_directory, update_manifest, write_manifest
 from . import checkpoints as ckpt
 from .heads import tokenizer_for, zero_shot_head
@@ -240,9 +240,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     """Run the whole build; the output directory appears only complete and validated."""
     started = time.perf_counter()
     output = Path(cfg.output)
-    if output.exists() and not cfg.force:
-        from ..errors import BuildExists
-
+    if output.exists() and not cfg.force:  # refuse before minutes of SVDs, not after
         raise BuildExists(f"{output} exists; pass --force to overwrite it")
     loaded = load(cfg)
     with staged_directory(output, cfg.force) as stage:

@@ -18,18 +18,10 @@ from tqdm.auto import tqdm
 from ..errors import ValidationError
 from ..lowrank import group_by_task_set, pick_heads, select_task_sets
 from ..manifest import read_manifest
+from ..runtime.images import sample_photos
 from ..taskweights import StoredTasks, task_set_weights
 
-SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "brick", "grass")
 BATCH_SIZES = (1, 3, 8)
-
-
-def sample_images() -> list:
-    """Real photos bundled with scikit-image (colour and greyscale, various sizes)."""
-    from PIL import Image
-    from skimage import data
-
-    return [Image.fromarray(getattr(data, name)()) for name in SAMPLE_PHOTOS]
 
 
 def pixel_batch(images, preprocess: dict) -> torch.Tensor:
@@ -65,7 +57,7 @@ def validate_build(root: Path, reference, atol: float = 1e-4, images=(), batch_s
     """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure."""
     root = Path(root)
     manifest = read_manifest(root)
-    pixels = pixel_batch(list(images) or sample_images(), manifest["model"])
+    pixels = pixel_batch(list(images) or sample_photos(), manifest["model"])
     stored = StoredTasks.from_flat(load_file(str(root / "pretrained.safetensors")),
                                    load_file(str(root / "factors.safetensors")),
                                    load_file(str(root / "deltas.safetensors")), manifest["method"]["alpha"])

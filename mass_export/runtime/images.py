@@ -132,3 +132,14 @@ def as_image(item) -> LoadedImage:
         rgb, warning = to_rgb(Image.fromarray(np.ascontiguousarray(item)))
         return LoadedImage(rgb, None, warning)
     raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(item).__name__}")
+
+
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "brick", "grass")
+
+
+def sample_photos() -> list[Image.Image]:
+    """Real photos bundled with scikit-image (colour and greyscale, various sizes): the default images of
+    validation and benchmarks. scikit-image is a build-side dependency, imported only here."""
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, name)()) for name in SAMPLE_PHOTOS]

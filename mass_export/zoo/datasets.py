@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..catalog import models_dir
+
 from ..errors import MassExportError
 
 SPLITS = ("pretrain", "finetune", "test")
@@ -54,17 +56,9 @@ class DatasetUnavailable(MassExportError):
         super().__init__(f"dataset {task!r} needs {what}, which is not installed here. Install it with: {install}")
 
 
-def _models_dir() -> Path:
-    """``models/`` (the data package ``mass_export_models`` when installed, the source tree otherwise)."""
-    spec = importlib.util.find_spec("mass_export_models")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    return Path(__file__).resolve().parents[2] / "models"
-
-
 def task_info(task: str) -> dict:
     """``models/datasets/<task>.json``: ``{"classes": [...], "templates": [...]}``."""
-    path = _models_dir() / "datasets" / f"{task}.json"
+    path = models_dir() / "datasets" / f"{task}.json"
     if not path.is_file():
         raise MassExportError(f"unknown zoo task {task!r}: no {path} (known: {', '.join(available_tasks())})")
     return json.loads(path.read_text())

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
-from .datasets import _models_dir
+from ..catalog import models_dir
 
 # Bump when the training code changes what a recipe produces, so stale caches are not reused.
 ZOO_CODE_VERSION = 1
@@ -44,7 +44,7 @@ DEFAULTS = {
 
 
 def zoo_dir() -> Path:
-    return _models_dir() / "zoo"
+    return models_dir() / "zoo"
 
 
 def default_recipe_path() -> Path:
