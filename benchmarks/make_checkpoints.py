@@ -11,7 +11,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from mass_export.catalog import benchmark_tasks
+from mass_export.core.catalog import benchmark_tasks
 
 
 def main():

@@ -26,7 +26,7 @@ import onnxruntime as ort
 import open_clip
 import torch
 
-from mass_export.build.tower import FullTower, RoutePrefix, run_with
+from mass_export.nn.tower import FullTower, run_with
 from mass_export.export.graphs import _export, _rename_inputs, export_tower
 
 

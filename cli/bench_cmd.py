@@ -28,7 +28,7 @@ def bench(build_dir, batch_sizes, warmup, iterations, providers, threads, with_t
     interleaved on the same inputs; report images/s, p50/p90/p99 latency and ratios to the plain pass."""
     import json
 
-    from mass_export.bench import run_bench, to_csv, to_table, write_report
+    from mass_export.evaluation.bench import run_bench, to_csv, to_table, write_report
 
     if build_dir is None:
         from mass_export.zoo.demo import default_build

@@ -27,8 +27,8 @@ def eval_command(build_dir, checkpoints, data, sweep, with_runtime, ta_lambda, l
     no-redundancy), TSV-C with the task known, and MASS (torch reference and ONNX runtime); normalised accuracy,
     router task identification and its confusion matrix. MASS counts only when task and class are both right;
     the authors' padded-logits metric is reported beside it."""
-    from mass_export.evaluate import evaluate, format_table
-    from mass_export.manifest import read_manifest
+    from mass_export.evaluation.accuracy import evaluate, format_table
+    from mass_export.core.manifest import read_manifest
 
     if build_dir is None:
         from mass_export.zoo.demo import default_build, zoo_root

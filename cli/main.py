@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from mass_export.errors import MassExportError
+from mass_export.core.errors import MassExportError
 
 
 class Group(click.Group):
@@ -76,7 +76,7 @@ def _echo_json(data) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def build(as_json, validation_images, **options):
     """Merge and truncate task updates (MASS), export ONNX graphs, validate them, write a build directory."""
-    from mass_export.build.pipeline import BuildConfig, build as run_build
+    from mass_export.pipeline.build import BuildConfig, build as run_build
 
     images = []
     for path in validation_images:
@@ -103,8 +103,8 @@ def build(as_json, validation_images, **options):
 def validate(build_dir, atol, image_paths, as_json):
     """Re-run the ONNX graphs against the torch reference rebuilt from the build's stored parts."""
     from mass_export.export.validate import validate_build
-    from mass_export.build.stored import reference_from_build
-    from mass_export.manifest import update_manifest
+    from mass_export.merging.stored import reference_from_build
+    from mass_export.core.manifest import update_manifest
 
     images = []
     for path in image_paths:
@@ -126,11 +126,11 @@ def validate(build_dir, atol, image_paths, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def inspect(build_dir, memory, as_json):
     """Show a build: model, tasks, method, storage per part, validation."""
-    from mass_export.manifest import read_manifest, update_manifest
+    from mass_export.core.manifest import read_manifest, update_manifest
 
     manifest = read_manifest(build_dir)
     if memory:
-        from mass_export.bench import runtime_memory
+        from mass_export.evaluation.bench import runtime_memory
 
         manifest = update_manifest(build_dir, runtime_memory=runtime_memory(build_dir))
     if as_json:

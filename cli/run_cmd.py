@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from mass_export.errors import MassExportError
+from mass_export.core.errors import MassExportError
 
 COLUMNS = ("path", "task", "class", "score", "top_k", "task_set", "error", "warning")
 

@@ -1,6 +1,6 @@
 """mass-export: build, export and serve MASS for open_clip image encoders.
 
-Three rooms with one-way doors: ``mass_export.build`` (torch) -> ``mass_export.export`` (onnx)
+Three rooms with one-way doors: ``mass_export.merging`` (torch) -> ``mass_export.export`` (onnx)
 -> ``mass_export.runtime`` (numpy + onnxruntime, never torch). Importing this package imports none of them.
 """
 

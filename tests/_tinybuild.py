@@ -19,7 +19,7 @@ def make_tiny_build(output: Path, num_tasks: int = 4) -> Path:
     import torch
 
     from layouts import tiny_model, write_head, write_safetensors
-    from mass_export.build.pipeline import BuildConfig, build
+    from mass_export.pipeline.build import BuildConfig, build
 
     tree = output.with_name(output.name + "-checkpoints")
     tree.mkdir(parents=True, exist_ok=True)

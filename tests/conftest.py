@@ -7,7 +7,7 @@ import pytest
 def zoo_build(tmp_path_factory):
     """The demo zoo's build directory (zoo and build cached under $MASS_EXPORT_CACHE or ~/.cache/mass-export)
     and real held-out test images written as PNG (<task>/<class>/<n>.png)."""
-    from mass_export.manifest import read_manifest
+    from mass_export.core.manifest import read_manifest
     from mass_export.zoo.demo import default_build, write_test_images
 
     build = default_build(progress=False)

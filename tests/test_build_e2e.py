@@ -19,9 +19,9 @@ from safetensors.numpy import load_file
 
 from layouts import (synthetic_finetune, tiny_config, tiny_model, write_hf_bin, write_head, write_safetensors,
                      write_state_dict, write_task_vectors)
-from mass_export.build import merge
-from mass_export.build.checkpoints import visual_state
-from mass_export.taskweights import StoredTasks, task_set_weights
+from mass_export.merging import merge
+from mass_export.merging.checkpoints import visual_state
+from mass_export.core.taskweights import StoredTasks, task_set_weights
 from mass_export_cli.main import main
 
 TASKS = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon"]
@@ -119,7 +119,7 @@ def test_runtime_predicts_what_the_reference_predicts(tiny_build, tmp_path):
     from PIL import Image
     from skimage import data
 
-    from mass_export.build.stored import reference_from_build
+    from mass_export.merging.stored import reference_from_build
     from mass_export.export.validate import pixel_batch
 
     out, manifest, *_ = tiny_build
@@ -183,7 +183,7 @@ def test_bad_inputs_are_named_and_leave_nothing(tiny_tree, tmp_path):
 
 
 def test_rank_that_rounds_to_zero_names_the_largest_task_count():
-    from mass_export.errors import ConfigError
+    from mass_export.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="at most 64 tasks"):
         merge.truncate_task({"w": torch.zeros(64, 256)}, 65)

@@ -20,8 +20,8 @@ from open_clip.transformer import QuickGELU
 sys.path.insert(0, str(Path(__file__).parent))  # layouts.py sits beside this file, whatever pytest's import mode
 import layouts  # noqa: E402
 
-from mass_export.build import checkpoints as ck  # noqa: E402
-from mass_export.errors import CheckpointError, ConfigError, MissingCheckpoints  # noqa: E402
+from mass_export.merging import checkpoints as ck  # noqa: E402
+from mass_export.core.errors import CheckpointError, ConfigError, MissingCheckpoints  # noqa: E402
 
 C_FC = "transformer.resblocks.1.mlp.c_fc.weight"
 
@@ -400,8 +400,8 @@ def test_pretrained_argument_errors(tmp_path, config_file):
 def test_download_failure_is_a_clear_error():
     # open_clip's real download path, with the Hub's offline switch so it fails at once instead of retrying.
     code = textwrap.dedent("""
-        from mass_export.build import checkpoints as ck
-        from mass_export.errors import CheckpointError
+        from mass_export.merging import checkpoints as ck
+        from mass_export.core.errors import CheckpointError
         try:
             ck.load_pretrained("ViT-B-16", "laion2b_s34b_b88k")
         except CheckpointError as exc:

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from mass_export import lowrank
-from mass_export.build import merge, routing
-from mass_export.errors import ConfigError
-from mass_export.taskweights import StoredTasks, task_set_weights
+from mass_export.core import lowrank
+from mass_export.merging import merge
+from mass_export.nn import routing
+from mass_export.core.errors import ConfigError
+from mass_export.core.taskweights import StoredTasks, task_set_weights
 
 torch.manual_seed(0)
 

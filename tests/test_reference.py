@@ -4,9 +4,9 @@ import pytest
 import torch
 from open_clip.model import CLIP
 
-from mass_export.build import merge
-from mass_export.build.reference import MassReference, Method
-from mass_export.build.tower import FullTower, run_with
+from mass_export.merging import merge
+from mass_export.merging.reference import MassReference, Method
+from mass_export.nn.tower import FullTower, run_with
 
 CONFIG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 32},
           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}

@@ -20,8 +20,8 @@ HEAVY = ("torch", "torchvision", "open_clip", "onnx", "onnxscript")
 
 
 def test_runtime_modules_import_no_torch():
-    code = ("import sys, mass_export.runtime, mass_export.lowrank, mass_export.taskweights, mass_export.manifest, "
-            "mass_export.errors, mass_export_cli.main, mass_export_cli.run_cmd\n"
+    code = ("import sys, mass_export.runtime, mass_export.core.lowrank, mass_export.core.taskweights, mass_export.core.manifest, "
+            "mass_export.core.errors, mass_export_cli.main, mass_export_cli.run_cmd\n"
             f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

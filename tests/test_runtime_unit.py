@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from _tinybuild import make_tiny_build, sample_images
-from mass_export.errors import BuildIntegrityError, ConfigError, ProviderError
+from mass_export.core.errors import BuildIntegrityError, ConfigError, ProviderError
 from mass_export.runtime import LRUCache, MassRuntime, OrtRunner, PathProblem, Preprocessor, expand_paths, load_image
 from mass_export.runtime.backends import make_runner
 from mass_export.runtime.images import as_image
@@ -239,7 +239,7 @@ def test_changed_build_is_refused_by_name(tiny_build, tmp_path):
 
 
 def test_build_without_graphs_is_refused(tiny_build, tmp_path):
-    from mass_export.manifest import update_manifest
+    from mass_export.core.manifest import update_manifest
 
     copy = Path(shutil.copytree(tiny_build, tmp_path / "build"))
     update_manifest(copy, graphs={})
@@ -252,7 +252,7 @@ def test_build_without_graphs_is_refused(tiny_build, tmp_path):
 def test_runtime_equals_the_torch_reference(runtime, tiny_build, images):
     import torch
 
-    from mass_export.build.stored import reference_from_build
+    from mass_export.merging.stored import reference_from_build
 
     reference = reference_from_build(tiny_build)
     pixels = np.stack([runtime.preprocessor(load_image(p).image) for p in images])
@@ -341,7 +341,7 @@ def test_run_command(tiny_build, images, tmp_path):
 def test_single_task_build_skips_the_router(tmp_path_factory, images):
     import torch
 
-    from mass_export.build.stored import reference_from_build
+    from mass_export.merging.stored import reference_from_build
 
     build = make_tiny_build(tmp_path_factory.getbasetemp() / "runtime_tiny_build_1task", num_tasks=1)
     runtime = MassRuntime.load(build, threads=1)

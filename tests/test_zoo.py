@@ -63,7 +63,7 @@ def test_load_split_returns_copies():
 
 
 def test_unknown_task_and_split():
-    from mass_export.errors import MassExportError
+    from mass_export.core.errors import MassExportError
 
     with pytest.raises(MassExportError, match="unknown zoo task"):
         load_split("CIFAR-1000", "test")

@@ -15,9 +15,9 @@ def invoke(*args):
 
 
 def test_runtime_predicts_what_the_reference_predicts_on_real_images(zoo_build):
-    from mass_export.build.stored import reference_from_build
+    from mass_export.merging.stored import reference_from_build
     from mass_export.export.validate import pixel_batch
-    from mass_export.manifest import read_manifest
+    from mass_export.core.manifest import read_manifest
     from mass_export.runtime import MassRuntime
 
     build, images = zoo_build["build"], zoo_build["images"]

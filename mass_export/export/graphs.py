@@ -14,9 +14,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..build.heads import Heads
-from ..build.routing import Router
-from ..build.tower import FullTower, RoutePrefix, prefix_keys, run_with
+from mass_export.nn.heads import Heads
+from mass_export.nn.routing import Router
+from mass_export.nn.tower import FullTower, RoutePrefix, prefix_keys, run_with
 
 OPSET = 18
 

@@ -1,6 +1,6 @@
 """Validation of exported graphs against the torch reference (optimum-style: atol, a max-diff table, typed error).
 
-ONNX Runtime runs each graph fed with weights rebuilt by the numpy Gram form (``mass_export.taskweights``);
+ONNX Runtime runs each graph fed with weights rebuilt by the numpy Gram form (``mass_export.core.taskweights``);
 the reference runs torch with the SVD/polar form. So a pass checks the graphs, the Gram form and the rebuild
 from stored factors at once.
 """
@@ -15,11 +15,11 @@ import torch
 from safetensors.numpy import load_file
 from tqdm.auto import tqdm
 
-from ..errors import ValidationError
-from ..lowrank import group_by_task_set, pick_heads, select_task_sets
-from ..manifest import read_manifest
-from ..runtime.images import sample_photos
-from ..taskweights import StoredTasks, task_set_weights
+from mass_export.core.errors import ValidationError
+from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
+from mass_export.core.manifest import read_manifest
+from mass_export.runtime.images import sample_photos
+from mass_export.core.taskweights import StoredTasks, task_set_weights
 
 BATCH_SIZES = (1, 3, 8)
 

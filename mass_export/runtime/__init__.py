@@ -6,10 +6,10 @@
         print(p.path, p.task, p.class_name, p.score, p.error)
 """
 
-from .backends import OrtRunner, Runner, make_runner
-from .engine import LRUCache, MassRuntime, Prediction
-from .images import IMAGE_EXTENSIONS, PathProblem, expand_paths, load_image
-from .preprocess import Preprocessor
+from mass_export.runtime.backends import OrtRunner, Runner, make_runner
+from mass_export.runtime.engine import LRUCache, MassRuntime, Prediction
+from mass_export.runtime.images import IMAGE_EXTENSIONS, PathProblem, expand_paths, load_image
+from mass_export.runtime.preprocess import Preprocessor
 
 __all__ = ["MassRuntime", "Prediction", "Preprocessor", "Runner", "OrtRunner", "make_runner", "LRUCache",
            "expand_paths", "PathProblem", "load_image", "IMAGE_EXTENSIONS"]

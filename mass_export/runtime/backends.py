@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import ConfigError, ProviderError
+from mass_export.core.errors import ConfigError, ProviderError
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",

@@ -20,13 +20,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from safetensors.numpy import load_file
 
-from ..errors import BuildIntegrityError, ConfigError
-from ..lowrank import group_by_task_set, pick_heads, select_task_sets
-from ..manifest import read_manifest
-from ..taskweights import StoredTasks, task_set_weights
-from .backends import Runner, check_providers, make_runner
-from .images import as_image
-from .preprocess import Preprocessor
+from mass_export.core.errors import BuildIntegrityError, ConfigError
+from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
+from mass_export.core.manifest import read_manifest
+from mass_export.core.taskweights import StoredTasks, task_set_weights
+from mass_export.runtime.backends import Runner, check_providers, make_runner
+from mass_export.runtime.images import as_image
+from mass_export.runtime.preprocess import Preprocessor
 
 GRAPHS = ("prefix", "router", "encoder", "heads")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import ConfigError
+from mass_export.core.errors import ConfigError
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "random": Image.Resampling.BICUBIC}  # open_clip evaluates "random" as bicubic

@@ -3,20 +3,20 @@
 ``build_zoo()`` builds (or returns the cached) zoo; ``load_split()`` reads the datasets it is made from.
 """
 
-from .datasets import DatasetUnavailable, available_tasks, class_names, load_split, task_names, templates
-from .recipe import load_recipe, recipe_hash
+from mass_export.zoo.datasets import DatasetUnavailable, available_tasks, class_names, load_split, task_names, templates
+from mass_export.zoo.recipe import load_recipe, recipe_hash
 
 
 def build_zoo(recipe=None, cache_dir=None, progress=True, **options):
     """See :func:`mass_export.zoo.train.build_zoo` (imported lazily: it needs torch and open_clip)."""
-    from .train import build_zoo as _build
+    from mass_export.zoo.train import build_zoo as _build
 
     return _build(recipe, cache_dir=cache_dir, progress=progress, **options)
 
 
 def __getattr__(name):
     if name == "ZooResult":
-        from .train import ZooResult
+        from mass_export.zoo.train import ZooResult
 
         return ZooResult
     raise AttributeError(name)

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..catalog import models_dir
+from mass_export.core.catalog import models_dir
 
-from ..errors import MassExportError
+from mass_export.core.errors import MassExportError
 
 SPLITS = ("pretrain", "finetune", "test")
 DEFAULT_SIZE = 32
@@ -83,7 +83,7 @@ def available_tasks() -> list[str]:
 def task_names(recipe=None) -> list[str]:
     """The tasks of a recipe (a dict, a path to a recipe JSON, or None for the default recipe), in order."""
     if recipe is None or isinstance(recipe, (str, Path)):
-        from .recipe import load_recipe
+        from mass_export.zoo.recipe import load_recipe
 
         recipe = load_recipe(recipe)
     return list(recipe["tasks"])

@@ -12,10 +12,10 @@ import numpy as np
 
 def default_build(cache_dir: Path | None = None, recipe=None, progress: bool = True, force: bool = False) -> Path:
     """The demo zoo's build directory, built once (zoo and build are both cached by recipe)."""
-    from ..build.pipeline import BuildConfig, build
-    from ..errors import BuildIntegrityError
-    from ..manifest import read_manifest
-    from . import build_zoo
+    from mass_export.pipeline.build import BuildConfig, build
+    from mass_export.core.errors import BuildIntegrityError
+    from mass_export.core.manifest import read_manifest
+    from mass_export.zoo import build_zoo
 
     zoo = build_zoo(recipe, cache_dir=cache_dir, progress=progress)
     output = zoo.root.parent / f"{zoo.root.name}-build"
@@ -36,7 +36,7 @@ def write_test_images(tasks, out: Path, per_task: int, seed: int = 0) -> list[tu
     """PNGs of held-out test images, ``out/<task>/<class>/<n>.png``; returns (path, task, class)."""
     from PIL import Image
 
-    from .datasets import class_names, load_split
+    from mass_export.zoo.datasets import class_names, load_split
 
     rng = np.random.default_rng(seed)
     written = []
@@ -60,7 +60,7 @@ def validation_images(tasks, out: Path, per_task: int = 2) -> list[Path]:
 
 def run_demo(out: Path = Path("demo"), per_task: int = 50, batch_size: int = 64, cache_dir: Path | None = None,
              progress: bool = True, echo=print) -> dict:
-    from ..runtime import MassRuntime
+    from mass_export.runtime import MassRuntime
 
     started = time.perf_counter()
     build_dir = default_build(cache_dir, progress=progress)

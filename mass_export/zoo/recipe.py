@@ -26,8 +26,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..catalog import models_dir
+from mass_export.core.errors import ConfigError
+from mass_export.core.catalog import models_dir
 
 # Bump when the training code changes what a recipe produces, so stale caches are not reused.
 ZOO_CODE_VERSION = 1

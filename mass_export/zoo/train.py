@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import class_names, load_split, task_info, templates
-from .recipe import load_recipe, recipe_hash
+from mass_export.zoo.datasets import class_names, load_split, task_info, templates
+from mass_export.zoo.recipe import load_recipe, recipe_hash
 
 # open_clip's default (OpenAI) normalisation: the zoo model keeps the default preprocessing of a config file.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -248,7 +248,7 @@ def _save(tensors: dict, path: Path):
 
 
 def _build_into(out: Path, recipe: dict, digest: str, progress: bool, base_cache=None) -> dict:
-    from ..build.heads import zero_shot_head
+    from mass_export.merging.zeroshot import zero_shot_head
 
     start = time.perf_counter()
     seed = int(recipe["seed"])

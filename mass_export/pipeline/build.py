@@ -13,13 +13,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .. import __version__, catalog
-from ..errors import BuildExists, CheckpointError, ConfigError
-from ..manifest import staged_directory, update_manifest, write_manifest
-from . import checkpoints as ckpt
-from .heads import tokenizer_for, zero_shot_head
-from .merge import TaskFactors, base_tasks, factors_to_flat, stack_tasks, task_delta, truncate_task
-from .reference import MassReference, Method, router_basis_key
+from mass_export import __version__
+
+from mass_export.core import catalog
+from mass_export.core.errors import BuildExists, CheckpointError, ConfigError
+from mass_export.core.manifest import staged_directory, update_manifest, write_manifest
+from mass_export.merging import checkpoints as ckpt
+from mass_export.merging.zeroshot import tokenizer_for, zero_shot_head
+from mass_export.merging.merge import TaskFactors, base_tasks, factors_to_flat, stack_tasks, task_delta, truncate_task
+from mass_export.merging.reference import MassReference, Method, router_basis_key
 
 
 @dataclass
@@ -212,7 +214,7 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
         offset += int(head.shape[0])
     graphs = {}
     if cfg.export:
-        from ..export.graphs import export_all
+        from mass_export.export.graphs import export_all
 
         with tqdm(total=4, desc="exporting ONNX graphs", unit="graph", disable=not cfg.progress) as bar:
             graphs = export_all(pm.model.visual, loaded.visual_pre, loaded.factors.V[router_basis_key(method.routing_layer)],
@@ -246,7 +248,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     with staged_directory(output, cfg.force) as stage:
         manifest = write_build(loaded, cfg, stage)
         if cfg.export and cfg.validate:
-            from ..export.validate import validate_build
+            from mass_export.export.validate import validate_build
 
             report = validate_build(stage, loaded.reference(), atol=cfg.atol, images=cfg.validation_images,
                                     progress=cfg.progress)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .manifest import read_manifest
+from mass_export.core.manifest import read_manifest
 
 SCHEMA = "mass-export/eval/1"
 
@@ -30,7 +30,7 @@ class TestSet:
 
 def folder_test_sets(data: Path, tasks, classes: dict, preprocessor) -> list[TestSet]:
     """Images under DATA/<task>/<class name>/* (the layout `mass-export demo` writes)."""
-    from .runtime.images import as_image
+    from mass_export.runtime.images import as_image
 
     sets = []
     for task in tasks:
@@ -50,7 +50,7 @@ def zoo_test_sets(tasks, preprocessor, limit: int | None = None) -> list[TestSet
     """The held-out test splits of the demo zoo's datasets."""
     from PIL import Image
 
-    from .zoo.datasets import load_split
+    from mass_export.zoo.datasets import load_split
 
     sets = []
     for task in tasks:
@@ -69,8 +69,8 @@ def _batches(pixels: torch.Tensor, size: int):
 
 @torch.no_grad()
 def head_accuracy(reference, weights: dict, test: TestSet, head: torch.Tensor, batch_size: int) -> float:
-    from .build.heads import head_logits
-    from .build.tower import run_with
+    from mass_export.nn.heads import head_logits
+    from mass_export.nn.tower import run_with
 
     predictions = torch.cat([head_logits(run_with(reference.full, weights, x), head).argmax(1)
                              for x in _batches(test.pixels, batch_size)])
@@ -118,7 +118,7 @@ def reference_predictions(reference, tests: list[TestSet], batch_size: int) -> l
 
 def runtime_predictions(build_dir: Path, tests: list[TestSet], batch_size: int, tasks: list[str],
                         cache_size: int = 4) -> list[dict]:
-    from .runtime import MassRuntime
+    from mass_export.runtime import MassRuntime
 
     runtime = MassRuntime.load(build_dir, cache_size=cache_size)
     rows = []
@@ -149,11 +149,11 @@ def summarise(per_task: dict, finetuned: dict | None) -> dict:
 def evaluate(build_dir: Path, checkpoints: Path | None = None, data: Path | None = None,
              routing_layers=None, with_runtime: bool = True, ta_lambda: float = 0.3, limit: int | None = None,
              batch_size: int = 256, progress: bool = True) -> dict:
-    from .build import checkpoints as ckpt
-    from .build import merge
-    from .build.reference import MassReference
-    from .build.stored import reference_from_build
-    from .runtime.preprocess import Preprocessor
+    from mass_export.merging import checkpoints as ckpt
+    from mass_export.merging import merge
+    from mass_export.merging.reference import MassReference
+    from mass_export.merging.stored import reference_from_build
+    from mass_export.runtime.preprocess import Preprocessor
 
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import BuildExists, BuildIntegrityError
+from mass_export.core.errors import BuildExists, BuildIntegrityError
 
 FORMAT = "mass-export/1"
 MANIFEST = "manifest.json"

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..manifest import read_manifest
-from .merge import TaskFactors
-from .reference import MassReference, Method
+from mass_export.core.manifest import read_manifest
+from mass_export.merging.merge import TaskFactors
+from mass_export.merging.reference import MassReference, Method
 
 
 def vision_tower(manifest: dict) -> torch.nn.Module:

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .. import catalog
-from ..errors import CheckpointError, ConfigError, MissingCheckpoints
-from . import unpickle
+from mass_export.core import catalog
+from mass_export.core.errors import CheckpointError, ConfigError, MissingCheckpoints
+from mass_export.merging import unpickle
 
 VISUAL = "visual."
 # Preference order inside one task folder (see find_task_checkpoints).

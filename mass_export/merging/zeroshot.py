@@ -1,4 +1,4 @@
-"""Zero-shot classification heads from a CLIP text tower, and the head-choice rule."""
+"""Zero-shot classification heads from a CLIP text tower (open_clip tokenizers)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,3 @@ def zero_shot_head(model, tokenizer, classnames: list[str], templates: list[str]
         embeddings = torch.nn.functional.normalize(model.encode_text(texts).float(), dim=-1)
         rows.append(torch.nn.functional.normalize(embeddings.mean(dim=0), dim=0))
     return torch.stack(rows) * model.logit_scale.exp().float()
-
-
-def head_logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(features, dim=-1) @ head.T
-
-
-class Heads(torch.nn.Module):
-    """The heads graph: (image_features, heads) -> logits of every head, on L2-normalised features."""
-
-    def forward(self, image_features, heads):
-        return head_logits(image_features, heads)

@@ -1,7 +1,7 @@
 """MASS's merge math as pure functions on state dicts (torch).
 
 These are the reference forms, written the way the paper states them (SVD, polar factors). The runtime's
-Gram form in ``mass_export.lowrank`` is checked against them.
+Gram form in ``mass_export.core.lowrank`` is checked against them.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from ..taskweights import QKV_PARTS
+from mass_export.core.errors import ConfigError
+from mass_export.core.taskweights import QKV_PARTS
 
 
 @dataclass

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .heads import head_logits
-from .merge import TaskFactors, merged_tower
-from .routing import projection_residuals, routing_probabilities, select_tasks
-from .tower import FullTower, RoutePrefix, run_with
+from mass_export.nn.heads import head_logits
+from mass_export.merging.merge import TaskFactors, merged_tower
+from mass_export.nn.routing import projection_residuals, routing_probabilities, select_tasks
+from mass_export.nn.tower import FullTower, RoutePrefix, run_with
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lowrank import tsvm_factors
+from mass_export.core.lowrank import tsvm_factors
 
 QKV_PARTS = ("q", "k", "v")
 FACTOR_FIELDS = ("U", "s", "V", "base")

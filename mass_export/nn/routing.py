@@ -1,6 +1,6 @@
 """MASS's data-free router in torch: projection residuals, z-scored softmax, task-set selection.
 
-This is the reference form; the exported router graph and ``mass_export.lowrank`` are checked against it.
+This is the reference form; the exported router graph and ``mass_export.core.lowrank`` are checked against it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .errors import ConfigError
+from mass_export.core.errors import ConfigError
 
 
 def models_dir() -> Path:

@@ -1,7 +1,7 @@
 """TSV-M of any task subset from stored factors, and MASS's task selection: numpy only.
 
 Shared by the build room (to rebuild theta_MT) and the runtime (to prepare a task set's weights), so it must
-never import torch. The torch SVD/polar forms in ``mass_export.build.merge`` are its independent check.
+never import torch. The torch SVD/polar forms in ``mass_export.merging.merge`` are its independent check.
 
 Why the Gram form: polar(U_cat) = U_cat (U_cat^T U_cat)^(-1/2), so
     TSV-M(S) = U_cat  G_U^(-1/2) diag(s_cat) G_V^(-1/2)  V_cat

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .lowrank import group_by_task_set
-from .manifest import read_manifest
+from mass_export.core.lowrank import group_by_task_set
+from mass_export.core.manifest import read_manifest
 
 # Dense fp32 peak (TFLOP/s) of GPUs we may meet; --peak-tflops overrides. Figures are the vendors' data sheets.
 PEAK_FP32_TFLOPS = {"H100": 67.0, "H200": 67.0, "A100": 19.5, "L4": 30.3, "A10": 31.2, "T4": 8.1}
@@ -50,7 +50,7 @@ def tower_macs(manifest: dict, layers: int | None = None, tap: bool = False) -> 
 def sample_pixels(runtime, batch: int, images=()) -> np.ndarray:
     """Preprocessed real photos (scikit-image samples unless images are given), repeated to the batch size."""
     if not images:
-        from .runtime.images import sample_photos
+        from mass_export.runtime.images import sample_photos
 
         images = sample_photos()
     pixels = np.stack([runtime.preprocessor(runtime_image(i)) for i in images])
@@ -58,7 +58,7 @@ def sample_pixels(runtime, batch: int, images=()) -> np.ndarray:
 
 
 def runtime_image(item):
-    from .runtime.images import as_image
+    from mass_export.runtime.images import as_image
 
     loaded = as_image(item)
     if loaded.error:
@@ -71,9 +71,9 @@ def plain_graph(build_dir: Path, manifest: dict, out: Path) -> Path:
     import torch
     from safetensors.torch import load_file
 
-    from .build.stored import vision_tower
-    from .build.tower import FullTower
-    from .export.graphs import _export
+    from mass_export.merging.stored import vision_tower
+    from mass_export.nn.tower import FullTower
+    from mass_export.export.graphs import _export
 
     visual = vision_tower(manifest)
     visual.load_state_dict(load_file(str(build_dir / "pretrained.safetensors")))
@@ -86,7 +86,7 @@ def plain_graph(build_dir: Path, manifest: dict, out: Path) -> Path:
 
 def variants(runtime, build_dir: Path, manifest: dict, pixels: np.ndarray, tmp: Path, threads, providers,
              with_torch: bool) -> list[Variant]:
-    from .runtime.backends import make_runner
+    from mass_export.runtime.backends import make_runner
 
     plain = make_runner(plain_graph(build_dir, manifest, tmp / "plain.onnx"), "onnxruntime", providers, threads)
     _, task_sets = runtime.route(pixels)
@@ -112,7 +112,7 @@ def variants(runtime, build_dir: Path, manifest: dict, pixels: np.ndarray, tmp: 
     if with_torch:
         import torch
 
-        from .build.stored import reference_from_build
+        from mass_export.merging.stored import reference_from_build
 
         if threads:
             torch.set_num_threads(threads)
@@ -166,7 +166,7 @@ def run_bench(build_dir, batch_sizes=(1, 16), warmup: int = 2, iterations: int =
               progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    from .runtime import MassRuntime
+    from mass_export.runtime import MassRuntime
 
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
