@@ -216,7 +216,8 @@ def test_real_size_vit_b16_in_every_layout(tmp_path):
     out = tmp_path / "build"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "mass_export_cli", "build", "--model", "ViT-B-16", "--checkpoints",
-                           str(root), "-o", str(out), "--threads", "1", "--json"], capture_output=True, text=True, env=env)
+                           str(root), "-o", str(out), "--threads", "1", "--json"], capture_output=True, text=True, env=env,
+                          timeout=3000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads(proc.stdout)
     assert manifest["method"]["routing_layer"] == 9 and 153 in manifest["method"]["ranks"]

@@ -24,7 +24,7 @@ def test_runtime_modules_import_no_torch():
             "mass_export.core.errors, mass_export_cli.main, mass_export_cli.run_cmd\n"
             f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
             "assert not bad, bad")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
 
 
@@ -47,7 +47,7 @@ def build_and_images(request, tmp_path_factory):
 
 def _pip(python: Path, *args) -> subprocess.CompletedProcess:
     return subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def runtime_venv(tmp_path_factory):
     """A fresh venv with only the runtime dependencies and a non-editable install of this repository."""
     root = tmp_path_factory.mktemp("torchfree")
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     result = _pip(python, "-c", str(REPO / "constraints.txt"), *RUNTIME_DEPS)
     assert result.returncode == 0, f"cannot install the runtime dependencies: {result.stderr[-400:]}"
@@ -81,13 +81,13 @@ def test_run_in_a_venv_without_torch(runtime_venv, build_and_images, tmp_path):
     python, command = runtime_venv / "bin" / "python", runtime_venv / "bin" / "mass-export"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     probe = subprocess.run([str(python), "-c", "import mass_export, sys; print(mass_export.__file__)\nimport torch"],
-                           capture_output=True, text=True, cwd=tmp_path, env=env)
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert "No module named 'torch'" in probe.stderr, probe.stderr
     assert str(runtime_venv) in probe.stdout  # the installed copy, not the working tree
 
     out = tmp_path / "predictions.jsonl"
     result = subprocess.run([str(command), "run", *map(str, images), "--build", str(build), "-o", str(out),
-                             "--json", "--batch-size", "4"], capture_output=True, text=True, cwd=tmp_path, env=env)
+                             "--json", "--batch-size", "4"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode in (0, 1), result.stderr
     summary = json.loads(result.stdout)
     rows = [json.loads(line) for line in out.read_text().splitlines()]

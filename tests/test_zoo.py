@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 import numpy as np
 import pytest
@@ -177,9 +176,7 @@ def test_zoo_is_cached(tiny_zoos):
 
     zoo, _ = tiny_zoos
     stamp = (zoo.root / "zoo.json").stat().st_mtime_ns
-    started = time.perf_counter()
-    again = build_zoo(TINY, cache_dir=zoo.root.parent, progress=False)
-    assert time.perf_counter() - started < 1.0
+    again = build_zoo(TINY, cache_dir=zoo.root.parent, progress=False)  # served, not rebuilt: zoo.json untouched
     assert again.root == zoo.root and again.tasks == zoo.tasks
     assert (zoo.root / "zoo.json").stat().st_mtime_ns == stamp
 

@@ -147,7 +147,7 @@ def runtime_memory(build_dir, batch: int = 16, threads: int | None = None) -> di
     import sys
 
     out = subprocess.run([sys.executable, "-c", _MEASURE_RUNTIME, str(build_dir), str(batch), str(threads or 0)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -10,15 +10,31 @@ from pathlib import Path
 import numpy as np
 
 
+# The rooms whose code decides what a build holds: a cached build made by other code is never served.
+BUILD_CODE = ("core", "nn", "merging", "export", "pipeline")
+
+
+def build_code_fingerprint() -> str:
+    """sha256 (16 hex) of the source files of the rooms that write a build."""
+    import hashlib
+
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for room in BUILD_CODE:
+        for path in sorted((package / room).rglob("*.py")):
+            digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def default_build(cache_dir: Path | None = None, recipe=None, progress: bool = True, force: bool = False) -> Path:
-    """The demo zoo's build directory, built once (zoo and build are both cached by recipe)."""
+    """The demo zoo's build directory, built once per zoo and per version of the build code (both cached)."""
     from mass_export.pipeline.build import BuildConfig, build
     from mass_export.core.errors import BuildIntegrityError
     from mass_export.core.manifest import read_manifest
     from mass_export.zoo import build_zoo
 
     zoo = build_zoo(recipe, cache_dir=cache_dir, progress=progress)
-    output = zoo.root.parent / f"{zoo.root.name}-build"
+    output = zoo.root.parent / f"{zoo.root.name}-build-{build_code_fingerprint()}"
     if output.exists() and not force:
         try:
             read_manifest(output)
@@ -106,4 +122,4 @@ def run_demo(out: Path = Path("demo"), per_task: int = 50, batch_size: int = 64,
 def zoo_root(build_dir: Path) -> Path:
     """The zoo checkpoints a demo build was made from (they sit beside it)."""
     build_dir = Path(build_dir)
-    return build_dir.with_name(build_dir.name.removesuffix("-build"))
+    return build_dir.with_name(build_dir.name.rsplit("-build", 1)[0])
