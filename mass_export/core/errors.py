@@ -12,9 +12,16 @@ class CheckpointError(MassExportError):
 
 
 class MissingCheckpoints(CheckpointError):
-    def __init__(self, root, missing):
+    def __init__(self, root, missing, searched: str = "", found=()):
         self.root, self.missing = root, list(missing)
-        super().__init__(f"{root}: no checkpoint for task(s) {', '.join(self.missing)}")
+        lines = [f"{root}: no checkpoint for task(s) {', '.join(self.missing)}"]
+        if searched:
+            lines.append(searched)
+        if found:
+            lines.append(f"tasks found there: {', '.join(found)} (choose with --tasks)")
+        lines.append("name a task's checkpoint (file or folder) in a build config: --config tasks.yaml with "
+                     "tasks: {NAME: {checkpoint: PATH}} (docs/checkpoints.md)")
+        super().__init__("\n  ".join(lines))
 
 
 class ConfigError(MassExportError):
