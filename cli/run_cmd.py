@@ -61,8 +61,10 @@ def _warnings_as_lines():
               help="Comma list in order of preference: cpu, cuda, cuda:N, tensorrt (ONNX Runtime providers).")
 @click.option("--strict-providers", is_flag=True, help="Fail (exit 5) if a requested provider cannot run, "
               "instead of warning and running on what is available.")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--top-classes", "top_k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes listed per image (of the winning head).")
+@click.option("--top-k", "old_top_k", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Deprecated spelling of --top-classes.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per graph.")
 @click.option("--cache-size", type=click.IntRange(min=0), default=4, show_default=True,
               help="Task sets whose weights stay prepared.")
@@ -70,8 +72,8 @@ def _warnings_as_lines():
               "(requires --output, so rows and summary never share stdout).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr. Default: when stderr is a "
               "terminal.")
-def run(paths, build_dir, output, fmt, batch_size, providers, strict_providers, top_k, threads, cache_size,
-        as_json, progress):
+def run(paths, build_dir, output, fmt, batch_size, providers, strict_providers, top_k, old_top_k, threads,
+        cache_size, as_json, progress):
     """Classify images: route each to its task(s), then predict the class.
 
     PATHS are image files or folders (searched recursively for .png .jpg .jpeg .bmp .gif .tif .tiff .webp).
@@ -83,6 +85,9 @@ def run(paths, build_dir, output, fmt, batch_size, providers, strict_providers, 
     is missing or changed since it was built; 5 a provider was refused (--strict-providers); 2 other errors;
     130 interrupted (rows written so far are kept).
     """
+    if old_top_k is not None:
+        click.echo("warning: run --top-k is deprecated, use --top-classes", err=True)
+        top_k = old_top_k
     import onnxruntime
     from tqdm import tqdm
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mass_export.core import options
 from mass_export.core.lowrank import group_by_task_set
 from mass_export.core.manifest import read_manifest
 
@@ -80,7 +81,7 @@ def plain_graph(build_dir: Path, manifest: dict, out: Path) -> Path:
     size = manifest["model"]["image_size"]
     batch = torch.export.Dim("batch", min=1, max=65536)
     _export(FullTower(visual).eval(), (torch.zeros(2, 3, size, size),), None, out, ["image_features"],
-            {"images": {0: batch}}, manifest.get("opset", 18))
+            {"images": {0: batch}}, manifest.get("opset", options.default("opset")))
     return out
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.numpy import load_file
 from tqdm.auto import tqdm
 
+from mass_export.core import options
 from mass_export.core.errors import ValidationError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
 from mass_export.core.manifest import read_manifest
@@ -52,7 +53,7 @@ def _run(session, feeds: dict) -> list[np.ndarray]:
     return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
 
 
-def validate_build(root: Path, reference, atol: float = 1e-4, images=(), batch_sizes=BATCH_SIZES,
+def validate_build(root: Path, reference, atol: float = options.default("atol"), images=(), batch_sizes=BATCH_SIZES,
                    progress: bool = True) -> dict:
     """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure."""
     root = Path(root)

@@ -23,9 +23,10 @@ import torch
 from mass_export.core.errors import ConfigError
 from mass_export.merging.layouts.base import Converted
 
-VISION, TEXT = "vision_model.", "text_model."
-PATCH = "vision_model.embeddings.patch_embedding.weight"
-TOKENS = "text_model.embeddings.token_embedding.weight"
+# Markers of each tower, under any prefix: ``vision_model.`` in a CLIPModel (and in transformers 4's
+# CLIPVisionModel), none in transformers 5's CLIPVisionModel / CLIPTextModel, more in front when wrapped.
+PATCH, CLASS = "embeddings.patch_embedding.weight", "embeddings.class_embedding"
+TOKENS = "embeddings.token_embedding.weight"
 
 # transformers' CLIPVisionConfig / CLIPTextConfig defaults, for configs saved without every field (older hub files)
 VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -41,8 +42,18 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _prefix(keys, marker: str) -> str | None:
-    """The prefix in front of ``marker`` (a CLIPModel saved inside a wrapper, e.g. ``model.``), or None."""
-    return next((k[: -len(marker)] for k in keys if k.endswith(marker)), None)
+    """The prefix in front of ``marker`` (``vision_model.``, none, or more when wrapped), or None."""
+    return next((k[: -len(marker)] for k in keys if k == marker or k.endswith("." + marker)), None)
+
+
+def _vision_prefix(keys) -> str | None:
+    """A CLIP image tower has a class embedding beside the patch conv (SigLIP's, for one, has not)."""
+    prefix = _prefix(keys, PATCH)
+    return prefix if prefix is not None and prefix + CLASS in keys else None
+
+
+def _projection(keys, name: str) -> str | None:
+    return next((k for k in keys if k == f"{name}.weight" or k.endswith(f".{name}.weight")), None)
 
 
 def _blocks(tensors: dict, source: str, target: str) -> dict:
@@ -69,9 +80,8 @@ def _copy(tensors: dict, pairs: dict) -> dict:
     return {new: tensors[old] for old, new in pairs.items() if old in tensors}
 
 
-def vision_to_open_clip(tensors: dict, p: str) -> dict:
-    """``{p}vision_model.*`` (+ ``{p}visual_projection.weight``) -> open_clip ``visual.*`` keys."""
-    v = p + VISION
+def vision_to_open_clip(tensors: dict, v: str) -> dict:
+    """``{v}embeddings.*``, ``{v}encoder.*``, ... (+ ``visual_projection.weight``) -> open_clip ``visual.*`` keys."""
     out = _copy(tensors, {f"{v}embeddings.patch_embedding.weight": "visual.conv1.weight",
                           f"{v}embeddings.class_embedding": "visual.class_embedding",
                           f"{v}embeddings.position_embedding.weight": "visual.positional_embedding",
@@ -79,21 +89,25 @@ def vision_to_open_clip(tensors: dict, p: str) -> dict:
                           f"{v}post_layernorm.weight": "visual.ln_post.weight",
                           f"{v}post_layernorm.bias": "visual.ln_post.bias"})
     out.update(_blocks(tensors, v, "visual."))
-    if f"{p}visual_projection.weight" in tensors:
-        out["visual.proj"] = tensors[f"{p}visual_projection.weight"].t().contiguous()
+    projection = _projection(tensors, "visual_projection")
+    if projection is not None:
+        out["visual.proj"] = tensors[projection].t().contiguous()
     return out
 
 
-def text_to_open_clip(tensors: dict, p: str) -> dict:
-    """``{p}text_model.*`` + ``{p}text_projection.weight`` + ``{p}logit_scale`` -> open_clip CLIP's text keys."""
-    t = p + TEXT
+def text_to_open_clip(tensors: dict, t: str) -> dict:
+    """``{t}embeddings.*``, ``{t}encoder.*``, ``{t}final_layer_norm.*`` + ``text_projection.weight`` +
+    ``logit_scale`` -> open_clip CLIP's text keys."""
     out = _copy(tensors, {f"{t}embeddings.token_embedding.weight": "token_embedding.weight",
                           f"{t}embeddings.position_embedding.weight": "positional_embedding",
-                          f"{t}final_layer_norm.weight": "ln_final.weight", f"{t}final_layer_norm.bias": "ln_final.bias",
-                          f"{p}logit_scale": "logit_scale"})
+                          f"{t}final_layer_norm.weight": "ln_final.weight", f"{t}final_layer_norm.bias": "ln_final.bias"})
     out.update(_blocks(tensors, t, ""))
-    if f"{p}text_projection.weight" in tensors:
-        out["text_projection"] = tensors[f"{p}text_projection.weight"].t().contiguous()
+    projection = _projection(tensors, "text_projection")
+    if projection is not None:
+        out["text_projection"] = tensors[projection].t().contiguous()
+    scale = next((k for k in tensors if k == "logit_scale" or k.endswith(".logit_scale")), None)
+    if scale is not None:
+        out["logit_scale"] = tensors[scale]
     return out
 
 
@@ -182,10 +196,12 @@ class TransformersClipLayout:
     files = WEIGHT_FILES
 
     def recognise(self, keys) -> bool:
-        return _prefix(keys, PATCH) is not None or _prefix(keys, TOKENS) is not None
+        keys = set(keys)
+        return _vision_prefix(keys) is not None or _prefix(keys, TOKENS) is not None
 
     def describe(self, keys) -> str | None:
-        vision, text = _prefix(keys, PATCH), _prefix(keys, TOKENS)
+        keys = set(keys)
+        vision, text = _vision_prefix(keys), _prefix(keys, TOKENS)
         if vision is not None and text is not None:
             return "a transformers CLIPModel state dict"
         if vision is not None:
@@ -196,9 +212,9 @@ class TransformersClipLayout:
         return None
 
     def convert(self, tensors, folder: Path | None) -> Converted:
-        keys = list(tensors)
+        keys = set(tensors)
         out = {}
-        vision, text = _prefix(keys, PATCH), _prefix(keys, TOKENS)
+        vision, text = _vision_prefix(keys), _prefix(keys, TOKENS)
         if vision is not None:
             out.update(vision_to_open_clip(tensors, vision))
         if text is not None:
