@@ -285,7 +285,13 @@ class _NoTokenizer:
 def write_open_clip_save(folder, clip_model, config: dict, safe: bool = True) -> Path:
     """open_clip's own save (push_to_hf_hub.save_for_hf): open_clip_config.json + open_clip_model.safetensors
     (or open_clip_pytorch_model.bin)."""
-    from open_clip.push_to_hf_hub import save_for_hf
+    import dataclasses
 
-    save_for_hf(clip_model, _NoTokenizer(), config, folder, safe_serialization=safe)
+    import open_clip
+    from open_clip.push_to_hf_hub import save_for_hf
+    from open_clip.transform import PreprocessCfg
+
+    model = copy.deepcopy(clip_model)  # save_for_hf reads the preprocess cfg that create_model would have set
+    open_clip.set_model_preprocess_cfg(model, dataclasses.asdict(PreprocessCfg(size=model.visual.image_size)))
+    save_for_hf(model, _NoTokenizer(), config, folder, safe_serialization=safe)
     return Path(folder)
