@@ -140,3 +140,16 @@ def test_one_task_build_equals_the_finetuned_model(tmp_path):
     print(f"one-task MASS build vs transformers get_image_features of the fine-tune: max |diff| {diff:.2e}")
     assert diff <= 1e-4
     assert float((ours - hf_image_features(pre, x)).abs().max()) > 1e-3  # not just the pretrained's features
+
+
+def test_a_transformers_dir_is_matched_to_its_open_clip_architecture(tmp_path):
+    """transformers' default CLIPConfig is OpenAI's ViT-B/32 (QuickGELU): the catalog's routing layer applies.
+    Only config.json is read (no weights are needed to know the architecture and depth)."""
+    from transformers import CLIPConfig
+
+    CLIPConfig().save_pretrained(tmp_path)
+    kind, name, config, _ = ck._model_source(str(tmp_path))
+    assert (kind, name, config["quick_gelu"]) == ("transformers", "ViT-B-32-quickgelu", True)
+    assert config["vision_cfg"] == {"image_size": 224, "patch_size": 32, "layers": 12, "width": 768,
+                                    "head_width": 64, "mlp_ratio": 4.0}
+    assert ck.model_depth(str(tmp_path)) == 12
