@@ -153,3 +153,31 @@ def test_a_transformers_dir_is_matched_to_its_open_clip_architecture(tmp_path):
     assert config["vision_cfg"] == {"image_size": 224, "patch_size": 32, "layers": 12, "width": 768,
                                     "head_width": 64, "mlp_ratio": 4.0}
     assert ck.model_depth(str(tmp_path)) == 12
+
+
+def test_tree_of_transformers_saves_builds_with_names_from_classes_txt(tmp_path):
+    """--checkpoints over transformers folders (5's safetensors, 4's pytorch_model.bin, CLIPModel and
+    CLIPVisionModel), the pretrained CLIPModel folder inside the same tree and not taken for a task."""
+    from click.testing import CliRunner
+
+    from mass_export_cli.main import main
+
+    pre = layouts.hf_tiny_model(seed=0)
+    root = tmp_path / "ckpt"
+    layouts.write_hf_clip(root / "clip-base", pre)
+    layouts.write_hf_vision(root / "Widgets", layouts.hf_finetune(pre, seed=1, projection=False))
+    layouts.write_hf_vision(root / "Bolts", layouts.hf_finetune(pre, seed=2, projection=False), safe=False)
+    layouts.write_hf_clip(root / "Gizmos", layouts.hf_finetune(pre, seed=3), safe=False)
+    for task, names in (("Widgets", "cog\nspring\n"), ("Bolts", "hex\ncarriage\nflange\n"), ("Gizmos", "a\nb\n")):
+        (root / task / "classes.txt").write_text(names)
+    out = tmp_path / "build"
+    result = CliRunner().invoke(main, ["build", "--model", str(root / "clip-base"), "--checkpoints", str(root),
+                                       "--threads", "1", "-o", str(out), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["tasks"] == ["Bolts", "Gizmos", "Widgets"] and manifest["validation"]["passed"]
+    assert manifest["model"]["quick_gelu"] is True and manifest["warnings"] == []
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes == {"Bolts": ["hex", "carriage", "flange"], "Gizmos": ["a", "b"], "Widgets": ["cog", "spring"]}
+    assert "vision_model.embeddings.patch_embedding.weight" in __import__("torch").load(
+        root / "Bolts" / "pytorch_model.bin", weights_only=True)  # the transformers 4 key style was exercised

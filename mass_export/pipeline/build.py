@@ -63,7 +63,11 @@ def resolve_tasks(cfg: BuildConfig, checkpoints: Path | None, model_name: str | 
         return names
     if checkpoints is None:
         raise ConfigError("give --tasks (a count or names), --checkpoints to discover them, or tasks: in --config")
-    found = ckpt.discover_tasks(checkpoints, model_name)
+    # a pretrained saved as a folder inside the tree looks like a task folder: it is not one
+    pretrained_dirs = {Path(p).expanduser().resolve() for p in (cfg.model, cfg.pretrained)
+                       if p and Path(p).expanduser().is_dir()}
+    found = [t for t in ckpt.discover_tasks(checkpoints, model_name)
+             if not any((base / t).resolve() in pretrained_dirs for base in (checkpoints, checkpoints / model_name))]
     if not found:
         raise CheckpointError(f"{checkpoints}: no task checkpoints found; {ckpt.searched(checkpoints, model_name)}. "
                               "Name each task's checkpoint in a build config (--config, docs/checkpoints.md)")
