@@ -66,8 +66,11 @@ def _deprecated_option(option, old: str):
 
 
 def build_options(function):
-    """The build command's options, generated from BuildConfig's fields (mass_export.core.options)."""
-    for option in reversed([o for o in OPTIONS.values() if o.in_cli]):
+    """The build command's options, generated from BuildConfig's fields (each carries its Option)."""
+    from mass_export.core.options import options_of
+    from mass_export.pipeline.config import BuildConfig  # stdlib + core only: the CLI starts fast
+
+    for option in reversed([o for o in options_of(BuildConfig) if o.in_cli]):
         for old in option.deprecated:
             function = _deprecated_option(option, old)(function)
         function = _click_option(option)(function)

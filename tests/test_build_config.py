@@ -249,6 +249,10 @@ def test_config_file_build_and_run_rows_carry_the_names(tree, tmp_path):
     assert len(rows) == 4
     for row in rows:
         assert row["class"] in names[row["task"]] and len(row["top_k"]) == 2
+    # run's old --top-k spelling still works, with a warning
+    result = cli("run", images, "--build", out, "--output", tmp_path / "old.jsonl", "--top-k", 1)
+    assert result.exit_code == 0 and "run --top-k is deprecated, use --top-classes" in result.output
+    assert all(len(json.loads(line)["top_k"]) == 1 for line in (tmp_path / "old.jsonl").read_text().splitlines())
 
 
 @pytest.mark.parametrize("text,named", [

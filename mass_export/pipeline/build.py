@@ -51,7 +51,7 @@ class Loaded:
 
 def note(notes: list[str], message: str) -> None:
     notes.append(message)
-    warnings.warn(message, BuildWarning, stacklevel=2)
+    warnings.warn(message, BuildWarning, stacklevel=3)
 
 
 def resolve_tasks(cfg: BuildConfig, checkpoints: Path | None, model_name: str | None) -> list[str]:
