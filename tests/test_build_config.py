@@ -53,6 +53,12 @@ def test_defaults_come_from_one_definition():
     assert build_fields == set(options.OPTIONS)
 
 
+def test_merge_bases_registered_are_the_options_choices():
+    from mass_export.merging.merge import BASES
+
+    assert set(BASES) == set(options.OPTIONS["base"].choices)
+
+
 def test_cli_is_generated_from_the_options():
     command = main.commands["build"]
     flags = {opt for p in command.params for opt in p.opts}

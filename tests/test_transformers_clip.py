@@ -181,3 +181,23 @@ def test_tree_of_transformers_saves_builds_with_names_from_classes_txt(tmp_path)
     assert classes == {"Bolts": ["hex", "carriage", "flange"], "Gizmos": ["a", "b"], "Widgets": ["cog", "spring"]}
     assert "vision_model.embeddings.patch_embedding.weight" in __import__("torch").load(
         root / "Bolts" / "pytorch_model.bin", weights_only=True)  # the transformers 4 key style was exercised
+
+
+@pytest.mark.slow
+def test_real_size_openai_vit_b32_layout(tmp_path):
+    """transformers' default CLIPConfig (OpenAI ViT-B/32 shapes, QuickGELU), random weights, real size: read as
+    --model DIR and as --pretrained DIR for the open_clip name; features equal transformers' own."""
+    from transformers import CLIPConfig, CLIPModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig()).eval()
+    folder = layouts.write_hf_clip(tmp_path / "clip-vit-base-patch32", model)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    expected = hf_image_features(model, x)
+    for pm in (ck.load_pretrained(str(folder), None), ck.load_pretrained("ViT-B-32-quickgelu", str(folder))):
+        assert pm.name == "ViT-B-32-quickgelu" and pm.quick_gelu and pm.has_text
+        with torch.no_grad():
+            diff = float((pm.model.encode_image(x) - expected).abs().max())
+        print(f"ViT-B/32 real size, transformers vs converted open_clip: max |diff| {diff:.2e}")
+        assert diff <= 1e-4

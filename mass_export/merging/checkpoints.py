@@ -571,7 +571,8 @@ def find_pretrained(root, model_name: str | None = None) -> Path | None:
 def _not_a_task(name: str) -> bool:
     """Flat files that are not fine-tunes: the pretrained, heads, and the weight names of saves."""
     stem = name.rsplit(".", 1)[0]
-    return (name in PRETRAINED_FILES or name in TASK_FILES or stem.startswith(("head_", "zeroshot", "open_clip_"))
+    return (name in PRETRAINED_FILES or name in TASK_FILES or stem.startswith(("head_", "zeroshot", "open_clip_",
+                                                                                "epoch_"))
             or stem in ("pytorch_model", "model", "optimizer", "training_args"))
 
 
