@@ -147,8 +147,12 @@ def test_a_transformers_dir_is_matched_to_its_open_clip_architecture(tmp_path):
     Only config.json is read (no weights are needed to know the architecture and depth)."""
     from transformers import CLIPConfig
 
+    from transformers import CLIPImageProcessor
+
     CLIPConfig().save_pretrained(tmp_path)
-    kind, name, config, _ = ck._model_source(str(tmp_path))
+    CLIPImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(tmp_path)
+    kind, name, config, preprocess = ck._model_source(str(tmp_path))
+    assert preprocess == {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic"}
     assert (kind, name, config["quick_gelu"]) == ("transformers", "ViT-B-32-quickgelu", True)
     assert config["vision_cfg"] == {"image_size": 224, "patch_size": 32, "layers": 12, "width": 768,
                                     "head_width": 64, "mlp_ratio": 4.0}
