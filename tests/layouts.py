@@ -282,7 +282,7 @@ class _NoTokenizer:
         pass
 
 
-def write_open_clip_save(folder, clip_model, config: dict, safe: bool = True) -> Path:
+def write_open_clip_save(folder, clip_model, config: dict, safe: bool | str = True) -> Path:
     """open_clip's own save (push_to_hf_hub.save_for_hf): open_clip_config.json + open_clip_model.safetensors
     (or open_clip_pytorch_model.bin)."""
     import dataclasses

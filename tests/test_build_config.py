@@ -140,6 +140,16 @@ def test_two_checkpoints_for_one_task_refused_naming_both(tmp_path):
     assert str(tmp_path / "Cars.safetensors") in message and "--config" in message
 
 
+def test_two_saves_in_one_task_folder_refused_but_one_save_in_two_formats_is_not(tmp_path):
+    model = layouts.tiny_model()
+    layouts.write_open_clip_save(tmp_path / "Cars", model, layouts.tiny_config(), safe="both")
+    assert ck.find_task_checkpoints(tmp_path, ["Cars"])["Cars"].name == "open_clip_model.safetensors"
+    layouts.write_task_vectors(tmp_path / "Cars", model, "finetuned")
+    with pytest.raises(CheckpointError, match=r"task Cars: two checkpoints, .*Cars/finetuned.pt and "
+                                              r".*Cars/open_clip_model.safetensors"):
+        ck.find_task_checkpoints(tmp_path, ["Cars"])
+
+
 def test_missing_task_message_says_what_was_searched_and_found(tmp_path):
     (tmp_path / "Cars").mkdir()
     (tmp_path / "Cars" / "finetuned.pt").touch()

@@ -520,10 +520,23 @@ def _task_sources(base: Path, task: str) -> list[Path]:
     ``.pth``."""
     found = []
     for folder in _task_dirs(task):
-        hit = next((base / folder / f for f in TASK_FILES if (base / folder / f).is_file()), None)
-        if hit is not None:
-            found.append(hit)
+        hits = [base / folder / f for f in TASK_FILES if (base / folder / f).is_file()]
+        other = next((h for h in hits[1:] if not _same_save(hits[0].name, h.name)), None)
+        if other is not None:
+            raise CheckpointError(f"task {task}: two checkpoints, {hits[0]} and {other}; keep one, or name the one to "
+                                  f"use in a build config (--config: tasks: {{{task}: {{checkpoint: PATH}}}})")
+        if hits:
+            found.append(hits[0])
     return found + [base / f"{task}{suffix}" for suffix in FLAT_SUFFIXES if (base / f"{task}{suffix}").is_file()]
+
+
+# File names that one save writes in two formats (hub repos often carry both): not two checkpoints.
+SAME_SAVE = ({"finetuned.pt", "finetuned.safetensors"}, {"pytorch_model.bin", "model.safetensors"},
+             {"open_clip_model.safetensors", "open_clip_pytorch_model.bin"})
+
+
+def _same_save(a: str, b: str) -> bool:
+    return any({a, b} <= names for names in SAME_SAVE)
 
 
 def searched(root, model_name: str | None = None) -> str:

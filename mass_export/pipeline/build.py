@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 
 from mass_export import __version__
 
-from mass_export.core import catalog
+from mass_export.core import catalog, options
 from mass_export.core.errors import BuildExists, CheckpointError, ConfigError
 from mass_export.core.manifest import staged_directory, update_manifest, write_manifest
 from mass_export.merging import checkpoints as ckpt
 from mass_export.merging.zeroshot import tokenizer_for, zero_shot_head
 from mass_export.merging.merge import TaskFactors, base_tasks, factors_to_flat, stack_tasks, task_delta, truncate_task
 from mass_export.merging.reference import MassReference, Method, router_basis_key
-from mass_export.pipeline.config import BuildConfig, TaskSpec  # noqa: F401  (BuildConfig is part of this module's API)
+from mass_export.pipeline.config import BuildConfig  # noqa: F401  (part of this module's API)
 
 
 class BuildWarning(UserWarning):
@@ -177,9 +177,7 @@ def load(cfg: BuildConfig) -> Loaded:
     paths = task_checkpoints(cfg, tasks, checkpoints, pretrained.name)
     layers = len(pretrained.model.visual.transformer.resblocks)
     layer = cfg.routing_layer if cfg.routing_layer is not None else catalog.routing_layer(pretrained.name, layers)
-    method = Method(routing_layer=layer, alpha=cfg.alpha, eta=cfg.eta, tau=cfg.tau, top_k=cfg.top_k,
-                    base=cfg.base, redundancy_threshold=cfg.redundancy_threshold, split_qkv=cfg.split_qkv,
-                    rank=cfg.rank, router_on=cfg.router_on)
+    method = Method(**{**{o.name: getattr(cfg, o.name) for o in options.METHOD_OPTIONS}, "routing_layer": layer})
     if not 0 <= layer < layers:
         raise ConfigError(f"--routing-layer {layer}: the tower has blocks 0..{layers - 1}")
     heads, classes = load_heads(pretrained, tasks, checkpoints, cfg, paths, notes)  # cheap, and fails early
