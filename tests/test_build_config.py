@@ -289,3 +289,23 @@ def test_bad_config_files_refused_naming_the_key(tree, text, named):
     assert named in result.output
     assert named.startswith("--eta") or str(config) in result.output  # a range names the option, the rest the file
     assert not (root / "never").exists()
+
+
+def test_config_file_reader_resolves_paths_and_warns_on_old_keys(tmp_path):
+    from mass_export.pipeline.config import read_config_file, resolve
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "names.txt").write_text("one\ntwo\n\n")
+    (tmp_path / "sub" / "w.pt").write_bytes(b"x")
+    config = tmp_path / "sub" / "c.yml"
+    config.write_text("model: ViT-B-16\npretrained: openai\ntop_k: 2\nstorage-dtype: fp16\ncheckpoints: .\n"
+                      "tasks:\n  A: w.pt\n  B:\n    checkpoint: w.pt\n    classes: names.txt\n")
+    with pytest.warns(FutureWarning, match="'top_k' is deprecated, write 'max_tasks'"):
+        values = read_config_file(config)
+    assert values["top_k"] == 2 and values["storage_dtype"] == "fp16" and values["checkpoints"] == tmp_path / "sub"
+    assert values["pretrained"] == "openai" and values["model"] == "ViT-B-16"  # names and tags stay as they are
+    assert values["task_specs"]["A"].checkpoint == tmp_path / "sub" / "w.pt"
+    assert values["task_specs"]["B"].classes == ["one", "two"]
+    with pytest.warns(FutureWarning):
+        cfg = resolve({"tasks": "B", "alpha": 0.5}, config)
+    assert cfg.tasks == "B" and list(cfg.task_specs) == ["B"] and cfg.alpha == 0.5 and cfg.top_k == 2
