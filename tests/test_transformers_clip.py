@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")  # the [test] extra installs it
+import transformers  # noqa: E402,F401  (the [test] extra installs it; a missing one fails, never skips)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import layouts  # noqa: E402
