@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
