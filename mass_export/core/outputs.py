@@ -1,13 +1,17 @@
-"""Where mass-export writes: locks beside an output, and refusing an output that would overwrite an input.
+"""Where mass-export writes: locks on outputs and builds, and refusing an output that would overwrite an input.
 
-A lock is ``fcntl.flock`` on ``.NAME.lock`` beside the output (never inside a build: a build holds only the
-files its manifest lists). The file stays after use (deleting lock files races); the kernel drops the lock when
-its holder exits, however it ends, so a killed process never leaves a stale lock.
+A lock is ``fcntl.flock`` on a file named by the sha256 of the target's resolved path, in
+``$MASS_EXPORT_CACHE/locks`` (default ``~/.cache/mass-export/locks``): never inside a build (a build holds only
+the files its manifest lists) and never beside the user's files. Writers (`build`, `run --output`) take it
+exclusively, readers (`validate`, `run` loading a build) shared. The kernel drops a lock when its holder exits,
+however it ends, so a killed process never leaves a stale lock. Where the lock folder cannot be created the
+command runs unlocked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -15,43 +19,42 @@ from mass_export.core.errors import Busy, OutputRefused
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; runs unlocked (documented in docs/reliability.md)
+except ImportError:  # Windows: no flock; runs unlocked (docs/reliability.md)
     fcntl = None
 
 
+def lock_folder() -> Path:
+    return Path(os.environ.get("MASS_EXPORT_CACHE") or Path.home() / ".cache" / "mass-export") / "locks"
+
+
 def lock_path(target: Path) -> Path:
-    target = Path(target)
-    return target.parent / f".{target.name}.lock"
+    resolved = str(Path(target).resolve())
+    return lock_folder() / f"{hashlib.sha256(os.fsencode(resolved)).hexdigest()[:32]}.lock"
 
 
 @contextlib.contextmanager
 def locked(target: Path, shared: bool = False, what: str = "in use"):
-    """Hold the lock of ``target`` (shared: readers such as `validate`; exclusive: writers) or raise Busy.
-
-    Where the lock file cannot be created (a read-only folder) readers go on unlocked: nobody can write there.
-    """
+    """Hold the lock of ``target`` (shared: readers; exclusive: writers) or raise Busy naming the holder."""
     path = lock_path(target)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        if not shared:
-            raise OutputRefused(f"{target}: cannot write here ({error.strerror})") from None
+    except OSError:
         fd = None
-    if fd is None:
+    if fd is None or fcntl is None:
         yield None
         return
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise Busy(f"{target}: {what} by another mass-export process (pid {holder}); "
-                           "try again when it ends") from None
-            if not shared:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").split("\n")[0].strip()
+            # readers do not write their pid: the file may name a writer that has ended
+            who = f" (pid {holder})" if holder.isdigit() and pid_alive(int(holder)) else ""
+            raise Busy(f"{target}: {what} by another mass-export process{who}; try again when it ends") from None
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n{Path(target).resolve()}\n".encode(), 0)
         yield path
     finally:
         os.close(fd)

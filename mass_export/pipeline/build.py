@@ -287,7 +287,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     if isinstance(cfg.tasks, (str, list, tuple)) and not str(cfg.tasks).isdigit():
         refuse_duplicate_tasks(named_tasks(cfg.tasks))  # before the pretrained model loads, not after
     refuse_overlap(output, build_inputs(cfg), "-o/--output")
-    with locked(output, what="being built"), staged_directory(output, cfg.force) as stage:
+    with locked(output, what="being built or read"), staged_directory(output, cfg.force) as stage:
         loaded = load(cfg)
         manifest = write_build(loaded, cfg, stage)
         if cfg.export and cfg.validate:
