@@ -575,3 +575,44 @@ def test_runtime_memory_is_the_runtime_process_own_peak(tiny):
     assert ballast.sum() == 2**27
     assert memory["peak_rss_mib"] < 700, memory  # the parent's 1 GiB + is not counted
     assert memory["torch_imported"] is False
+
+
+# --- 7. the declared onnxruntime floor runs a build --------------------------------------------------------
+
+def declared_floor(package: str) -> str:
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(d.split(">=")[1] for d in deps if d.startswith(package + ">="))
+
+
+PREDICT = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nimport onnxruntime\n"
+           "from mass_export.runtime import MassRuntime, expand_paths\n"
+           "rows = MassRuntime.load(sys.argv[2], threads=1).classify(expand_paths(sys.argv[3:]), batch_size=4)\n"
+           "print(json.dumps({'ort': onnxruntime.__version__, 'rows': [[p.task, p.class_name, p.score] "
+           "for p in rows]}))\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("numpy_spec", ["numpy<2", "numpy>=2"])
+def test_the_declared_onnxruntime_floor_runs_a_build(tiny, images, tmp_path, numpy_spec):
+    floor = declared_floor("onnxruntime")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                              f"onnxruntime=={floor}", numpy_spec, f"protobuf>={declared_floor('protobuf')}",
+                              "pillow", "safetensors"], capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-500:]
+    args = [str(REPO), str(tiny), *map(str, images)]
+    old = subprocess.run([str(python), "-c", PREDICT, *args], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert old.returncode == 0, old.stderr[-800:]
+    new = subprocess.run([sys.executable, "-c", PREDICT, *args], capture_output=True, text=True, timeout=600)
+    old, new = json.loads(old.stdout), json.loads(new.stdout)
+    assert old["ort"] == floor
+    assert [r[:2] for r in old["rows"]] == [r[:2] for r in new["rows"]]
+    worst = max(abs(a[2] - b[2]) for a, b in zip(old["rows"], new["rows"]))
+    print(f"onnxruntime {floor} ({numpy_spec}) vs {new['ort']}: identical tasks and classes, max |score diff| "
+          f"{worst:.1e}")
+    assert worst < 1e-4
