@@ -610,7 +610,7 @@ def test_the_declared_onnxruntime_floor_runs_a_build(tiny, images, tmp_path, num
     assert old.returncode == 0, old.stderr[-800:]
     new = subprocess.run([sys.executable, "-c", PREDICT, *args], capture_output=True, text=True, timeout=600)
     old, new = json.loads(old.stdout), json.loads(new.stdout)
-    assert old["ort"] == floor
+    assert old["ort"] == floor or old["ort"].startswith(floor + ".")  # pip: ==1.19 installs 1.19.0
     assert [r[:2] for r in old["rows"]] == [r[:2] for r in new["rows"]]
     worst = max(abs(a[2] - b[2]) for a, b in zip(old["rows"], new["rows"]))
     print(f"onnxruntime {floor} ({numpy_spec}) vs {new['ort']}: identical tasks and classes, max |score diff| "
