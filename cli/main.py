@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from mass_export.core.errors import MassExportError
+from mass_export.core.errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE,
+                                     MassExportError)
+from mass_export.core.jsonout import strict_dumps
 from mass_export.core.options import OPTIONS
+
+# Optional dependencies by top-level module, and the extra that brings them (pyproject.toml).
+EXTRAS = {"torch": "build", "torchvision": "build", "open_clip": "build", "onnx": "build", "onnxscript": "build",
+          "skimage": "build", "sklearn": "zoo", "tensorrt": "tensorrt"}
+
+
+def debugging(ctx) -> bool:
+    return bool((ctx.obj or {}).get("debug")) or os.environ.get("MASS_EXPORT_DEBUG", "") not in ("", "0")
+
+
+def _quiet_broken_pipe() -> None:
+    """stdout's reader is gone: point stdout at /dev/null so Python's exit flush does not print a second error."""
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
 
 
 class Group(click.Group):
-    """Turns the library's typed errors into a one-line message and their exit code."""
+    """Turns every failure into one line and its own exit code (mass_export/core/errors.py lists them)."""
 
     def invoke(self, ctx):
         try:
@@ -21,16 +37,53 @@ class Group(click.Group):
         except MassExportError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            try:
+                _quiet_broken_pipe()
+            except (OSError, ValueError, AttributeError):  # CliRunner's stdout has no real file
+                pass
+            sys.exit(EXIT_BROKEN_PIPE)
+        except ModuleNotFoundError as error:
+            extra = EXTRAS.get((error.name or "").split(".")[0])
+            if extra is None or debugging(ctx):
+                raise
+            command = ctx.invoked_subcommand or "this command"
+            click.echo(f"error: `mass-export {command}` needs the [{extra}] extra: pip install "
+                       f"'mass-export[{extra}]' (missing module {error.name})", err=True)
+            sys.exit(EXIT_USAGE)
+        except Exception as error:  # a bug: one line, the traceback on request
+            if debugging(ctx):
+                raise
+            first = (str(error).strip().splitlines() or [""])[0]
+            click.echo(f"error: internal error ({type(error).__name__}: {first}); rerun with --debug or "
+                       "MASS_EXPORT_DEBUG=1 for the traceback, and please report it", err=True)
+            sys.exit(EXIT_INTERNAL)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="mass-export")
-def main():
-    """Build, export and serve MASS (MoErging through Adaptive Subspace Selection) for open_clip encoders."""
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an internal error (also: "
+              "MASS_EXPORT_DEBUG=1).")
+@click.pass_context
+def main(ctx, debug):
+    """Build, export and serve MASS (MoErging through Adaptive Subspace Selection) for open_clip encoders.
+
+    \b
+    Exit status (every command): 0 success; 1 some images failed (run); 2 bad input or refused output;
+    3 build missing or changed; 4 validation failed; 5 provider refused; 6 no image classified (run);
+    7 output write failed; 70 internal error; 75 busy (another process holds the build or output);
+    130 interrupted; 141 stdout closed by its reader.
+    """
+    ctx.ensure_object(dict)["debug"] = debug
 
 
-def _echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+def _echo_json(data, what: str = "JSON output") -> None:
+    click.echo(strict_dumps(data, what, indent=2, default=str))
 
 
 def _click_option(option):
@@ -138,19 +191,29 @@ def build(as_json, config_file, **given):
 @click.option("--atol", type=float, default=OPTIONS["atol"].default, help=OPTIONS["atol"].help)
 @click.option("--images", "image_paths", type=click.Path(exists=True, path_type=Path), multiple=True,
               help="Images to validate on (default: scikit-image's sample photos).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report as JSON to this file (outside the build: the build is never rewritten).")
 @click.option("--json", "as_json", is_flag=True)
-def validate(build_dir, atol, image_paths, as_json):
-    """Re-run the ONNX graphs against the torch reference rebuilt from the build's stored parts."""
+def validate(build_dir, atol, image_paths, report_path, as_json):
+    """Re-run the ONNX graphs against the torch reference rebuilt from the build's stored parts.
+
+    Read-only: the build directory is not modified (its manifest keeps the build-time validation)."""
     OPTIONS["atol"].validate(atol)
+    from mass_export.core.errors import OutputRefused
+    from mass_export.core.outputs import is_within, locked
     from mass_export.export.validate import validate_build
     from mass_export.merging.stored import reference_from_build
-    from mass_export.core.manifest import update_manifest
 
+    if report_path is not None and is_within(report_path.resolve(), build_dir.resolve()):
+        raise OutputRefused(f"--report {report_path}: inside the build directory {build_dir}, which validate never "
+                            "modifies; choose a path outside it")
     images = []
     for path in image_paths:
         images += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    report = validate_build(build_dir, reference_from_build(build_dir), atol=atol, images=images)
-    update_manifest(build_dir, validation=report)
+    with locked(build_dir, shared=True, what="being rebuilt"):
+        report = validate_build(build_dir, reference_from_build(build_dir), atol=atol, images=images)
+    if report_path is not None:
+        report_path.write_text(strict_dumps(report, str(report_path), indent=2) + "\n")
     if as_json:
         _echo_json(report)
     else:
@@ -162,17 +225,17 @@ def validate(build_dir, atol, image_paths, as_json):
 @main.command()
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--memory", is_flag=True, help="Also measure the runtime's peak resident memory (loads the build "
-              "and classifies a batch of 16 in a fresh process).")
+              "and classifies a batch of 16 in a fresh process); printed, not stored in the build.")
 @click.option("--json", "as_json", is_flag=True)
 def inspect(build_dir, memory, as_json):
-    """Show a build: model, tasks, method, storage per part, validation."""
-    from mass_export.core.manifest import read_manifest, update_manifest
+    """Show a build: model, tasks, method, storage per part, validation. Read-only."""
+    from mass_export.core.manifest import read_manifest
 
     manifest = read_manifest(build_dir)
     if memory:
         from mass_export.evaluation.bench import runtime_memory
 
-        manifest = update_manifest(build_dir, runtime_memory=runtime_memory(build_dir))
+        manifest = {**manifest, "runtime_memory": runtime_memory(build_dir)}
     if as_json:
         _echo_json({k: manifest.get(k) for k in ("model", "tasks", "method", "heads", "storage", "validation",
                                                   "runtime_memory")})
@@ -182,7 +245,7 @@ def inspect(build_dir, memory, as_json):
                f"{model['image_size']} px")
     click.echo(f"tasks      {', '.join(manifest['tasks'])}")
     click.echo(f"method     base={method['base']} routing_layer={method['routing_layer']} eta={method['eta']} "
-               f"max_tasks={method['top_k']} tau={method['tau']} alpha={method['alpha']} ranks={method['ranks']}")
+               f"top_k={method['top_k']} tau={method['tau']} alpha={method['alpha']} ranks={method['ranks']}")
     click.echo("storage    part              MiB    x fp32 tower")
     for part, size in {**storage["bytes"], "total": storage["total_bytes"]}.items():
         click.echo(f"           {part:<16}{size / 2**20:>7.1f}    {storage['factor_of_tower'][part]:.3f}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,12 +143,10 @@ def read_checkpoint(path) -> Checkpoint:
 
 
 def _torch_load(path: Path):
+    # Always the restricted unpickler, never torch's weights_only one first: that one builds bytearray(n) for any
+    # n the file names (a 32-byte file allocated 2 GB), ours bounds every size by the file's (merging/unpickle.py).
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # weights_only refuses any global beyond tensors: a pickled module (task_vectors) or a hostile file.
-            return unpickle.load_file(path)
+        return unpickle.load_file(path)
     except unpickle.UnsafePickle as exc:
         raise CheckpointError(f"{path}: refused, nothing in it was run: {exc}") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, KeyError... on foreign bytes

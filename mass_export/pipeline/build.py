@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from mass_export import __version__
 
 from mass_export.core import catalog, options
-from mass_export.core.errors import BuildExists, CheckpointError, ConfigError
+from mass_export.core.errors import CheckpointError, ConfigError
 from mass_export.core.manifest import staged_directory, update_manifest, write_manifest
+from mass_export.core.outputs import locked, refuse_overlap
 from mass_export.merging import checkpoints as ckpt
 from mass_export.merging.zeroshot import tokenizer_for, zero_shot_head
 from mass_export.merging.merge import TaskFactors, base_tasks, factors_to_flat, stack_tasks, task_delta, truncate_task
@@ -259,8 +260,21 @@ def written_opset(stage: Path, graphs: dict, asked: int) -> int:
     return asked
 
 
+def require_finite(tensors: dict, file: str) -> dict:
+    """Refuse NaN/Inf before it is stored: a build never holds a non-finite weight."""
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ConfigError(f"{file}: NaN/Inf in {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
+                          + " (from the checkpoints or the method parameters); nothing was written")
+    return tensors
+
+
 def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
     pm, method = loaded.pretrained, loaded.method
+    require_finite(loaded.visual_pre, "pretrained.safetensors")
+    require_finite(factors_to_flat(loaded.factors, loaded.bases), "factors.safetensors")
+    require_finite(loaded.factors.whole, "deltas.safetensors")
+    require_finite({f"heads[{task}]": head for task, head in zip(loaded.tasks, loaded.heads)}, "heads.safetensors")
     save_file({k: v.contiguous() for k, v in loaded.visual_pre.items()}, str(stage / "pretrained.safetensors"))
     save_file(stored_dtype(factors_to_flat(loaded.factors, loaded.bases), cfg.storage_dtype),
               str(stage / "factors.safetensors"))
@@ -298,16 +312,23 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
     return update_manifest(stage, storage=storage_report(stage, loaded.visual_pre))
 
 
+def build_inputs(cfg: BuildConfig) -> list[Path]:
+    """The files and folders a build reads: the output may not be, hold, or lie inside one of them."""
+    per_task = [p for spec in (cfg.task_specs or {}).values() for p in (spec.checkpoint, spec.head, spec.classes)
+                if isinstance(p, (str, Path))]
+    named = [cfg.checkpoints, cfg.model, cfg.pretrained, cfg.config_file, *per_task, *cfg.validation_images]
+    return [Path(p) for p in named if p is not None and (Path(p).exists() or Path(p).is_symlink())]
+
+
 @torch.no_grad()
 def build(cfg: BuildConfig) -> tuple[Path, dict]:
     """Run the whole build; the output directory appears only complete and validated."""
     started = time.perf_counter()
     cfg.check()
     output = Path(cfg.output)
-    if output.exists() and not cfg.force:  # refuse before minutes of SVDs, not after
-        raise BuildExists(f"{output} exists; pass --force to overwrite it")
-    loaded = load(cfg)
-    with staged_directory(output, cfg.force) as stage:
+    refuse_overlap(output, build_inputs(cfg), "-o/--output")
+    with locked(output, what="being built or read"), staged_directory(output, cfg.force) as stage:
+        loaded = load(cfg)
         manifest = write_build(loaded, cfg, stage)
         if cfg.export and cfg.validate:
             from mass_export.export.validate import validate_build

@@ -97,10 +97,16 @@ class BuildConfig:
         if names is not None:
             if not names:
                 raise ConfigError("--tasks: no task names given")
-            seen = set()
-            dupes = [n for n in names if n.lower() in seen or seen.add(n.lower())]
+            # Compared case-insensitively, as checkpoint folders on some file systems are.
+            seen: dict[str, str] = {}
+            dupes = []
+            for name in names:
+                first = seen.setdefault(name.casefold(), name)
+                if first is not name:
+                    dupes.append(name if name == first else f"{first}/{name}")
             if dupes:
-                raise ConfigError(f"--tasks {','.join(names)}: duplicate task name(s) {', '.join(dict.fromkeys(dupes))}")
+                raise ConfigError(f"--tasks {','.join(names)}: duplicate task name(s) {', '.join(dict.fromkeys(dupes))}"
+                                  " given more than once; name each task once")
         elif isinstance(self.tasks, int) and not isinstance(self.tasks, bool) and self.tasks < 1:
             raise ConfigError(f"--tasks {self.tasks}: give a benchmark count (8, 14, 20) or task names")
 
