@@ -101,9 +101,10 @@ class BuildConfig:
             seen: dict[str, str] = {}
             dupes = []
             for name in names:
-                first = seen.setdefault(name.casefold(), name)
-                if first is not name:
+                if name.casefold() in seen:
+                    first = seen[name.casefold()]
                     dupes.append(name if name == first else f"{first}/{name}")
+                seen.setdefault(name.casefold(), name)
             if dupes:
                 raise ConfigError(f"--tasks {','.join(names)}: duplicate task name(s) {', '.join(dict.fromkeys(dupes))}"
                                   " given more than once; name each task once")
