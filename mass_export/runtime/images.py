@@ -13,6 +13,7 @@ EXIF orientation is not applied (torchvision and open_clip do not apply it eithe
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,21 @@ def load_image(path) -> LoadedImage:
             return LoadedImage(None, "is a directory")
         if path.exists() and path.stat().st_size == 0:
             return LoadedImage(None, "empty file (0 bytes)")
-        with Image.open(path) as image:
+    except OSError as error:
+        return LoadedImage(None, f"cannot read ({error.strerror or error})")
+    return _decode(lambda: Image.open(path))
+
+
+def decode_image_bytes(data: bytes) -> LoadedImage:
+    """As :func:`load_image`, for an encoded image held in memory (e.g. a Ray Data ``bytes`` column)."""
+    if not data:
+        return LoadedImage(None, "empty file (0 bytes)")
+    return _decode(lambda: Image.open(io.BytesIO(bytes(data))))
+
+
+def _decode(open_image) -> LoadedImage:
+    try:
+        with open_image() as image:
             image.load()
             rgb, warning = to_rgb(image)
             rgb.load()
@@ -116,11 +131,13 @@ def load_image(path) -> LoadedImage:
 
 
 def as_image(item) -> LoadedImage:
-    """A path, PIL image or HWC uint8 array as an RGB PIL image (arrays: (H, W), (H, W, 3) or (H, W, 4))."""
+    """A path, encoded bytes, PIL image or HWC uint8 array as an RGB PIL image (arrays: (H, W), (H, W, 3) or (H, W, 4))."""
     if isinstance(item, PathProblem):
         return LoadedImage(None, item.error)
     if isinstance(item, (str, os.PathLike)):
         return load_image(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return decode_image_bytes(item)
     if isinstance(item, Image.Image):
         rgb, warning = to_rgb(item)
         return LoadedImage(rgb, None, warning)
