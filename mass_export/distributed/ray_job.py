@@ -27,7 +27,8 @@ def connect(address: str, workers: int) -> None:
         return
     options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address == "local":
-        ray.init(num_cpus=max(workers, os.cpu_count() or 1), **options)
+        # Each predictor actor holds a CPU for its lifetime; reading needs one more, or the job waits forever.
+        ray.init(num_cpus=max(workers + 1, os.cpu_count() or 1), **options)
     else:
         ray.init(address=address, **options)
 
@@ -60,7 +61,8 @@ def classify_on_ray(items: list, build: Path, address: str = "local", workers: i
             MassPredictor, fn_constructor_kwargs={"build": str(Path(build).resolve()), "providers": tuple(providers),
                                                   "threads": threads, "batch_size": batch_size,
                                                   "top_classes": top_classes},
-            concurrency=workers, batch_size=batch_size * 4, num_gpus=gpus, batch_format="numpy")
+            compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size * 4, num_gpus=gpus,
+            batch_format="numpy")
         given = dict(readable)
         by_path: dict[str, list[int]] = {}
         for index, path in readable:

@@ -47,11 +47,20 @@ def prediction_columns(predictions: list[Prediction], ids=None) -> dict[str, np.
 
 def row_from_columns(columns: dict, index: int) -> dict:
     """One `mass-export run` row back from the columns (the nested fields parsed again)."""
-    row = {name: columns[name][index] for name in COLUMNS if name != "id"}
+    row = {name: _plain(columns[name][index]) for name in COLUMNS if name != "id"}
     for name in NESTED:
         row[name] = json.loads(row[name])
     row["task_set"] = list(row["task_set"])
     return row
+
+
+def _plain(value):
+    """numpy scalars as Python values; a missing number as None (Arrow stores a null float column entry as NaN)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 class MassPredictor:
