@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from mass_export.core.jsonout import strict_dumps
+
 
 @click.command()
 @click.option("--build", "build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -26,8 +28,6 @@ def bench(build_dir, batch_sizes, warmup, iterations, providers, threads, with_t
           csv_path, output):
     """Time one plain encoder pass, the exported two-pass MASS runtime (per stage too) and the torch reference,
     interleaved on the same inputs; report images/s, p50/p90/p99 latency and ratios to the plain pass."""
-    import json
-
     from mass_export.evaluation.bench import run_bench, to_csv, to_table, write_report
 
     if build_dir is None:
@@ -41,4 +41,4 @@ def bench(build_dir, batch_sizes, warmup, iterations, providers, threads, with_t
         write_report(report, output)
     if csv_path:
         csv_path.write_text(to_csv(report))
-    click.echo(json.dumps(report, indent=2) if as_json else to_table(report))
+    click.echo(strict_dumps(report, "bench report", indent=2) if as_json else to_table(report))

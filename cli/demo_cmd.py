@@ -1,9 +1,10 @@
 """`mass-export demo`."""
 
-import json
 from pathlib import Path
 
 import click
+
+from mass_export.core.jsonout import strict_dumps
 
 
 @click.command()
@@ -20,4 +21,4 @@ def demo(out, images_per_task, batch_size, as_json):
     report = run_demo(out, images_per_task, batch_size, progress=not as_json,
                       echo=(lambda *_: None) if as_json else click.echo)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(strict_dumps(report, "demo report", indent=2))

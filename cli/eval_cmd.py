@@ -1,9 +1,10 @@
 """`mass-export eval`."""
 
-import json
 from pathlib import Path
 
 import click
+
+from mass_export.core.jsonout import strict_dumps
 
 
 @click.command("eval")
@@ -41,4 +42,4 @@ def eval_command(build_dir, checkpoints, data, sweep, with_runtime, ta_lambda, l
         layers = list(range(depth)) if sweep == "all" else [int(x) for x in sweep.split(",")]
     report = evaluate(build_dir, checkpoints, data, layers, with_runtime, ta_lambda, limit, batch_size,
                       progress=not as_json)
-    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+    click.echo(strict_dumps(report, "eval report", indent=2) if as_json else format_table(report))

@@ -1,9 +1,10 @@
 """`mass-export zoo`."""
 
-import json
 from pathlib import Path
 
 import click
+
+from mass_export.core.jsonout import strict_dumps
 
 
 @click.group()
@@ -24,7 +25,7 @@ def build_zoo_command(recipe, cache_dir, as_json):
     info = {"root": str(result.root), "model_config": str(result.model_config), "pretrained": str(result.pretrained),
             "tasks": list(result.tasks)}
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(strict_dumps(info, "zoo info", indent=2))
     else:
         click.echo(f"zoo: {result.root}\n  tasks: {', '.join(result.tasks)}\n  next: mass-export build --model "
                    f"{result.model_config} --pretrained {result.pretrained} --checkpoints {result.root} -o build")

@@ -201,3 +201,97 @@ def synthetic_finetune(visual_state: dict, seed: int, scale: float = 0.02) -> di
             delta = 0.1 * torch.randn(w.shape, generator=g)
         out[key] = w + scale * size * delta
     return out
+
+
+# ---------------------------------------------------------------- transformers and open_clip saves, flat files
+
+
+def hf_tiny_config(hidden_act: str = "quick_gelu"):
+    """A small transformers CLIPConfig: vision 2 x 64 (patch 8, image 32), text 2 x 64 (context 16), projection 32."""
+    from transformers import CLIPConfig
+
+    common = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "hidden_act": hidden_act}
+    return CLIPConfig(text_config={**common, "max_position_embeddings": 16, "vocab_size": 49408},
+                      vision_config={**common, "image_size": 32, "patch_size": 8}, projection_dim=32)
+
+
+def hf_tiny_model(seed: int = 0, hidden_act: str = "quick_gelu"):
+    """A random-weight transformers CLIPModel (eval mode); the global RNG is untouched."""
+    from transformers import CLIPModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return CLIPModel(hf_tiny_config(hidden_act)).eval()
+
+
+def hf_finetune(model, seed: int, scale: float = 0.02, projection: bool = True):
+    """A copy of a transformers CLIPModel whose vision tower (and projection, if ``projection``) got a seeded
+    perturbation."""
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.startswith("vision_model.") or projection and name.startswith("visual_projection."):
+                p.add_(scale * max(float(p.pow(2).mean().sqrt()), 1e-2) * torch.randn(p.shape, generator=g))
+    return tuned
+
+
+def write_hf_vision(folder, model, with_projection: bool = False, safe: bool = True) -> Path:
+    """``save_pretrained`` of a transformers CLIPVisionModel (or ...WithProjection) holding ``model``'s vision tower."""
+    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+    config = model.config.vision_config
+    if with_projection:
+        config.projection_dim = model.config.projection_dim
+        vision = CLIPVisionModelWithProjection(config)
+        vision.visual_projection.load_state_dict(model.visual_projection.state_dict())
+    else:
+        vision = CLIPVisionModel(config)
+    # transformers 5's CLIPVisionModel is the tower itself (keys embeddings.*); 4's wrapped it as vision_model
+    getattr(vision, "vision_model", vision).load_state_dict(model.vision_model.state_dict())
+    vision.save_pretrained(folder)
+    if not safe:
+        # transformers 4's layout (most hub repos): the tower under vision_model., in pytorch_model.bin
+        state = vision.state_dict()
+        if not hasattr(vision, "vision_model"):
+            state = {(k if k.startswith("visual_projection.") else f"vision_model.{k}"): v for k, v in state.items()}
+        _as_bin(Path(folder), state)
+    return Path(folder)
+
+
+def _as_bin(folder: Path, state: dict) -> None:
+    """Replace save_pretrained's model.safetensors with pytorch_model.bin (transformers 5 writes only safetensors;
+    transformers 4 with safe_serialization=False wrote this torch.save of the state dict)."""
+    (folder / "model.safetensors").unlink()
+    torch.save(OrderedDict((k, v.detach().clone()) for k, v in state.items()), folder / "pytorch_model.bin")
+
+
+def write_hf_clip(folder, model, safe: bool = True) -> Path:
+    """``save_pretrained`` of a whole transformers CLIPModel (``safe=False``: as pytorch_model.bin)."""
+    model.save_pretrained(folder)
+    if not safe:
+        _as_bin(Path(folder), model.state_dict())
+    return Path(folder)
+
+
+class _NoTokenizer:
+    """open_clip's save_for_hf also saves a tokenizer; the tiny models here use the built-in BPE one."""
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def write_open_clip_save(folder, clip_model, config: dict, safe: bool | str = True) -> Path:
+    """open_clip's own save (push_to_hf_hub.save_for_hf): open_clip_config.json + open_clip_model.safetensors
+    (or open_clip_pytorch_model.bin)."""
+    import dataclasses
+
+    import open_clip
+    from open_clip.push_to_hf_hub import save_for_hf
+    from open_clip.transform import PreprocessCfg
+
+    model = copy.deepcopy(clip_model)  # save_for_hf reads the preprocess cfg that create_model would have set
+    open_clip.set_model_preprocess_cfg(model, dataclasses.asdict(PreprocessCfg(size=model.visual.image_size)))
+    save_for_hf(model, _NoTokenizer(), config, folder, safe_serialization=safe)
+    return Path(folder)

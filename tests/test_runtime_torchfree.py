@@ -15,7 +15,7 @@ import pytest
 from _tinybuild import make_tiny_build, sample_images
 
 REPO = Path(__file__).resolve().parents[1]
-RUNTIME_DEPS = ["numpy", "onnxruntime", "pillow", "safetensors", "click", "tqdm"]  # pyproject's dependencies
+RUNTIME_DEPS = ["numpy", "onnxruntime", "protobuf", "pillow", "safetensors", "click", "tqdm"]  # pyproject's dependencies
 HEAVY = ("torch", "torchvision", "open_clip", "onnx", "onnxscript")
 
 
@@ -103,3 +103,12 @@ def test_run_in_a_venv_without_torch(runtime_venv, build_and_images, tmp_path):
     print(f"torch-free venv vs main env: {len(rows)} images, identical task sets and classes, "
           f"max |score diff| {worst:.1e}")
     assert worst < 1e-5
+
+
+def test_build_in_a_venv_without_torch_names_the_extra(runtime_venv, tmp_path):
+    command = runtime_venv / "bin" / "mass-export"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run([str(command), "build", "--model", "ViT-B-16", "-o", str(tmp_path / "b")],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "`mass-export build` needs the [build] extra: pip install 'mass-export[build]'" in result.stderr

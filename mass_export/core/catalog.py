@@ -28,6 +28,10 @@ def routing_layer(model_name: str, num_layers: int) -> int:
     return min(num_layers - 1, int(round(data["default_routing_fraction"] * num_layers)))
 
 
+def architecture_names() -> list[str]:
+    return list(_json("architectures.json")["architectures"])
+
+
 def quick_gelu_tags() -> list[str]:
     return _json("architectures.json")["quick_gelu_tags"]
 
@@ -41,11 +45,14 @@ def benchmark_tasks(count: int) -> list[str]:
 
 
 def dataset_info(task: str) -> dict | None:
-    """{"classes": [...], "templates": [...]} for a task from models/datasets/, matched case-insensitively."""
+    """{"classes": [...], "templates": [...]} for a task from models/datasets/, matched case-insensitively (a
+    ``<Task>Val`` name is the task's; see datasets/README.md for the lists' sources)."""
     folder = models_dir() / "datasets"
     if not folder.is_dir():
         return None
-    for path in folder.glob("*.json"):
-        if path.stem.lower() == task.lower().removesuffix("val"):
+    wanted = task.lower()
+    wanted = wanted[:-3] if wanted.endswith("val") and len(wanted) > 3 else wanted
+    for path in sorted(folder.glob("*.json")):
+        if path.stem.lower() == wanted:
             return json.loads(path.read_text())
     return None

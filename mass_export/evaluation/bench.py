@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mass_export.core import options
 from mass_export.core.lowrank import group_by_task_set
 from mass_export.core.manifest import read_manifest
 
@@ -80,7 +81,7 @@ def plain_graph(build_dir: Path, manifest: dict, out: Path) -> Path:
     size = manifest["model"]["image_size"]
     batch = torch.export.Dim("batch", min=1, max=65536)
     _export(FullTower(visual).eval(), (torch.zeros(2, 3, size, size),), None, out, ["image_features"],
-            {"images": {0: batch}}, manifest.get("opset", 18))
+            {"images": {0: batch}}, manifest.get("opset", options.default("opset")))
     return out
 
 
@@ -124,9 +125,21 @@ def variants(runtime, build_dir: Path, manifest: dict, pixels: np.ndarray, tmp: 
     return out
 
 
+# The peak is VmHWM of /proc/self/status, the high-water mark of this process's own address space. Not
+# getrusage's ru_maxrss: Linux carries a parent's peak into a child across fork (and vfork) + exec, so a child of a
+# 1 GiB parent reports 1 GiB whatever it uses itself (measured: 1055 MiB from ru_maxrss, 10.6 MiB VmHWM).
 _MEASURE_RUNTIME = """
 import json, resource, sys, time
 import numpy as np
+
+def peak_rss_mib():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):  # not Linux: ru_maxrss (bytes on macOS, KiB elsewhere)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
 from mass_export.runtime import MassRuntime
 started = time.perf_counter()
 runtime = MassRuntime.load(sys.argv[1], threads=int(sys.argv[3]) or None)
@@ -135,7 +148,7 @@ height, width = runtime.preprocessor.image_size
 pixels = np.random.default_rng(0).standard_normal((int(sys.argv[2]), 3, height, width), dtype=np.float32)
 runtime.predict(pixels)
 print(json.dumps({"load_seconds": round(loaded, 2), "batch": int(sys.argv[2]),
-                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "peak_rss_mib": round(peak_rss_mib(), 1), "measured_by": "VmHWM of the runtime process",
                   "torch_imported": "torch" in sys.modules}))
 """
 
@@ -147,7 +160,12 @@ def runtime_memory(build_dir, batch: int = 16, threads: int | None = None) -> di
     import sys
 
     out = subprocess.run([sys.executable, "-c", _MEASURE_RUNTIME, str(build_dir), str(batch), str(threads or 0)],
-                         capture_output=True, text=True, check=True, timeout=1800)
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        from mass_export.core.errors import MassExportError
+
+        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise MassExportError(f"{build_dir}: the runtime memory measurement failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -247,4 +265,6 @@ def to_table(report: dict) -> str:
 
 
 def write_report(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    from mass_export.core.jsonout import strict_dumps
+
+    path.write_text(strict_dumps(report, str(path), indent=2) + "\n")

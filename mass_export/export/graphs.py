@@ -14,11 +14,12 @@ from pathlib import Path
 import onnx
 import torch
 
+from mass_export.core import options
 from mass_export.nn.heads import Heads
 from mass_export.nn.routing import Router
 from mass_export.nn.tower import FullTower, RoutePrefix, prefix_keys, run_with
 
-OPSET = 18
+OPSET = options.default("opset")
 
 
 class _WithWeights(torch.nn.Module):

@@ -15,6 +15,7 @@ import torch
 from safetensors.numpy import load_file
 from tqdm.auto import tqdm
 
+from mass_export.core import options
 from mass_export.core.errors import ValidationError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
 from mass_export.core.manifest import read_manifest
@@ -52,7 +53,21 @@ def _run(session, feeds: dict) -> list[np.ndarray]:
     return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
 
 
-def validate_build(root: Path, reference, atol: float = 1e-4, images=(), batch_sizes=BATCH_SIZES,
+def max_abs_diff(a, b) -> float:
+    """max |a - b|, NaN when either side holds NaN/Inf anywhere (np.abs(...).max() alone would let an Inf pair
+    through as NaN only by luck, and Python's max() drops NaN: ``max(0.0, nan) == 0.0``)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+def worse(current: float, new: float) -> float:
+    """The larger of two differences, NaN as soon as either is NaN (NaN must never pass a check)."""
+    return float("nan") if np.isnan(current) or np.isnan(new) else max(current, new)
+
+
+def validate_build(root: Path, reference, atol: float = options.default("atol"), images=(), batch_sizes=BATCH_SIZES,
                    progress: bool = True) -> dict:
     """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure."""
     root = Path(root)
@@ -77,11 +92,13 @@ def validate_build(root: Path, reference, atol: float = 1e-4, images=(), batch_s
         feeds = {"pixel_values": x.numpy()}
         feature = _run(graphs["prefix"], {**feeds, **theta_mt})[0]
         ref_feature = reference.route_feature(x)
-        diffs["prefix"] = max(diffs["prefix"], float(np.abs(feature - ref_feature.numpy()).max()))
+        diffs["prefix"] = worse(diffs["prefix"], max_abs_diff(feature, ref_feature.numpy()))
         ref_probs, _, ref_sets = reference.route(x)
         probs = _run(graphs["router"], {"route_feature": ref_feature.numpy(), "router_basis": basis})[0]
-        diffs["router"] = max(diffs["router"], float(np.abs(probs - ref_probs.numpy()).max()))
+        diffs["router"] = worse(diffs["router"], max_abs_diff(probs, ref_probs.numpy()))
         own_probs = _run(graphs["router"], {"route_feature": feature, "router_basis": basis})[0]
+        if not np.isfinite(own_probs).all():  # the graphs' own probabilities decide the task sets
+            diffs["router"] = float("nan")
         own_sets = select_task_sets(own_probs, eta, top_k) if stored.num_tasks > 1 else [(0,)] * len(x)
         mismatched_sets += [start + i for i, (a, b) in enumerate(zip(own_sets, ref_sets)) if a != b]
         ref_predictions = reference.predict(x)
@@ -92,22 +109,24 @@ def validate_build(root: Path, reference, atol: float = 1e-4, images=(), batch_s
                 weight_cache[task_set] = task_set_weights(stored, task_set)
             features = _run(graphs["encoder"], {"pixel_values": x[indices].numpy(), **weight_cache[task_set]})[0]
             ref_features = reference.encode(x[indices], task_set)
-            diffs["encoder"] = max(diffs["encoder"], float(np.abs(features - ref_features.numpy()).max()))
+            diffs["encoder"] = worse(diffs["encoder"], max_abs_diff(features, ref_features.numpy()))
             logits = _run(graphs["heads"], {"image_features": features, "heads": heads})[0]
+            if not np.isfinite(logits).all():  # every head's logits, not only the winner's compared below
+                diffs["heads"] = float("nan")
             ref_logits = _run(graphs["heads"], {"image_features": ref_features.numpy(), "heads": heads})[0]
             torch_logits = torch.nn.functional.normalize(ref_features, dim=-1) @ torch.from_numpy(heads).T
-            diffs["heads"] = max(diffs["heads"], float(np.abs(ref_logits - torch_logits.numpy()).max()))
+            diffs["heads"] = worse(diffs["heads"], max_abs_diff(ref_logits, torch_logits.numpy()))
             for row, index in enumerate(indices):
                 slices = [head_slice(manifest, task) for task in task_set]
                 position, cls, _ = pick_heads([logits[row][s] for s in slices])
                 prediction = ref_predictions[index]
                 winner = logits[row][head_slice(manifest, prediction.task_index)]
-                diffs["end_to_end"] = max(diffs["end_to_end"],
-                                          float(np.abs(winner - prediction.logits.numpy()).max()))
+                diffs["end_to_end"] = worse(diffs["end_to_end"], max_abs_diff(winner, prediction.logits.numpy()))
                 if (task_set[position], cls) != (prediction.task_index, prediction.class_index):
                     mismatched_predictions.append(start + index)
-    table = [{"graph": name, "max_abs_diff": value, "atol": atol, "ok": value <= atol} for name, value in diffs.items()]
-    report = {"atol": atol, "images": len(pixels), "batch_sizes": list(batch_sizes), "max_abs_diff": diffs,
+    table = [{"graph": name, "max_abs_diff": value, "atol": atol, "ok": bool(np.isfinite(value) and value <= atol)} for name, value in diffs.items()]
+    report = {"atol": atol, "images": len(pixels), "batch_sizes": list(batch_sizes),
+              "max_abs_diff": {name: value if np.isfinite(value) else None for name, value in diffs.items()},
               "task_sets_identical": not mismatched_sets, "predictions_identical": not mismatched_predictions,
               "passed": all(row["ok"] for row in table) and not mismatched_sets and not mismatched_predictions}
     if not report["passed"]:

@@ -7,7 +7,13 @@ Layouts (DESIGN.md §4), all mapped to canonical visual keys (those of ``model.v
   or run;
 - the authors' HF ``pytorch_model.bin`` and other plain state dicts (``.pt`` / ``.pth`` / ``.bin``):
   ``torch.load(weights_only=True)``;
-- ``.safetensors`` (recognised by suffix or header).
+- ``.safetensors`` (recognised by suffix or header);
+- Hugging Face transformers CLIP (``CLIPModel`` / ``CLIPVisionModel`` state dicts, alone or in a directory with
+  config.json), converted to open_clip's keys by :mod:`.layouts.transformers_clip`;
+- a directory holding one of those files (a transformers or open_clip save, a task_vectors task folder).
+
+What a file's keys mean is decided by the layout registry (:mod:`.layouts`): a new layout is one module there plus
+one registration. docs/checkpoints.md shows every layout and what is read from it.
 
 Keys may carry any prefix (``model.visual.``, ``visual.``, ``module.``, ``state_dict.``, none): the visual tower is the
 prefix under which most of the pretrained tower's keys live, skipping a prefix whose ``visual.`` child also matches
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +37,13 @@ import torch
 
 from mass_export.core import catalog
 from mass_export.core.errors import CheckpointError, ConfigError, MissingCheckpoints
-from mass_export.merging import unpickle
+from mass_export.merging import layouts, unpickle
+from mass_export.merging.layouts import transformers_clip
 
 VISUAL = "visual."
-# Preference order inside one task folder (see find_task_checkpoints).
-TASK_FILES = ("nonlinear_finetuned.pt", "finetuned.pt", "finetuned.safetensors", "pytorch_model.bin",
-              "model.safetensors")
+# Preference order inside one task folder (see find_task_checkpoints): the registered layouts' file names.
+TASK_FILES = layouts.task_files()
+FLAT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")  # <root>/<Task>.<suffix>
 PRETRAINED_FILES = ("zeroshot.pt", "zeroshot.safetensors")
 HEAD_SUFFIXES = (".pt", ".safetensors")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -60,16 +66,29 @@ class Checkpoint:
     """One file's tensors under their dotted names as stored, and the pickled classes it instantiated."""
 
     path: Path
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]  # open_clip keys (converted by the file's layout)
     classes: set[str]
     root: object
+    layout: str = ""  # what the file looks like, e.g. "a transformers CLIPVisionModel state dict"
+    from_pretrained: frozenset[str] = frozenset()  # visual keys this layout lacks by design (taken from pretrained)
+    config_quick_gelu: bool | None = None  # what a config saved beside the weights says
+    config_source: str = ""
 
     @property
     def quick_gelu(self) -> bool | None:
         names = {c.rsplit(".", 1)[-1] for c in self.classes}
         if "QuickGELU" in names:
             return True
-        return False if "GELU" in names else None
+        if "GELU" in names:
+            return False
+        return self.config_quick_gelu
+
+    @property
+    def quick_gelu_source(self) -> str:
+        if self.config_quick_gelu is not None and not ({c.rsplit(".", 1)[-1] for c in self.classes}
+                                                       & {"QuickGELU", "GELU"}):
+            return self.config_source
+        return f"checkpoint {self.path}"
 
 
 # ---------------------------------------------------------------- reading files
@@ -84,9 +103,20 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
+def weights_in(folder: Path) -> Path:
+    """The weights file of a checkpoint directory (task_vectors task folder, open_clip or transformers save)."""
+    hit = next((folder / name for name in TASK_FILES if (folder / name).is_file()), None)
+    if hit is None:
+        raise CheckpointError(f"{folder}: a directory without a weights file (looked for {', '.join(TASK_FILES)})")
+    return hit
+
+
 def read_checkpoint(path) -> Checkpoint:
-    """Every tensor in a file, of any supported layout; CheckpointError naming the file for anything unreadable."""
+    """Every tensor in a file (or a checkpoint directory's weights file), of any supported layout, under open_clip's
+    keys; CheckpointError naming the file for anything unreadable."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        path = weights_in(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -107,16 +137,16 @@ def read_checkpoint(path) -> Checkpoint:
     tensors, classes = unpickle.collect_tensors(root)
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors ({type(root).__name__})")
-    return Checkpoint(path, tensors, classes, root)
+    converted = layouts.recognise(tensors).convert(tensors, path.parent)
+    return Checkpoint(path, converted.tensors, classes, root, converted.layout, converted.from_pretrained,
+                      converted.quick_gelu, converted.evidence)
 
 
 def _torch_load(path: Path):
+    # Always the restricted unpickler, never torch's weights_only one first: that one builds bytearray(n) for any
+    # n the file names (a 32-byte file allocated 2 GB), ours bounds every size by the file's (merging/unpickle.py).
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # weights_only refuses any global beyond tensors: a pickled module (task_vectors) or a hostile file.
-            return unpickle.load_file(path)
+        return unpickle.load_file(path)
     except unpickle.UnsafePickle as exc:
         raise CheckpointError(f"{path}: refused, nothing in it was run: {exc}") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, KeyError... on foreign bytes
@@ -148,7 +178,7 @@ def _visual_prefix(keys, reference) -> str | None:
     return max(candidates, key=lambda p: (candidates[p], -len(p))) if candidates else None
 
 
-def _validate(path, got: dict, reference: dict, what: str, allow_unexpected=False) -> dict:
+def _validate(path, got: dict, reference: dict, what: str, allow_unexpected=False, layout: str = "") -> dict:
     """got, checked key by key against reference; float tensors as fp32, integer ones as they are."""
     problems, summary = [], []
     missing = [k for k in reference if k not in got]
@@ -170,15 +200,16 @@ def _validate(path, got: dict, reference: dict, what: str, allow_unexpected=Fals
             problems.append(f"{key}: {bad} non-finite value(s) (NaN/Inf)")
     if summary or problems:
         shown = summary + problems[:10] + ([f"... {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise CheckpointError(f"{path}: does not match the pretrained {what}:\n  " + "\n  ".join(shown))
+        looks = f" (the file looks like {layout})" if layout else ""
+        raise CheckpointError(f"{path}: does not match the pretrained {what}{looks}:\n  " + "\n  ".join(shown))
     return {k: got[k].detach().float() if got[k].is_floating_point() else got[k].detach() for k in reference}
 
 
 def _split_visual(ckpt: Checkpoint, reference) -> tuple[str, dict]:
     prefix = _visual_prefix(ckpt.tensors, reference)
     if prefix is None:
-        raise CheckpointError(f"{ckpt.path}: no visual-tower tensors (none of {_few(reference)}) among its keys: "
-                              f"{_few(ckpt.tensors)}")
+        raise CheckpointError(f"{ckpt.path}: no visual-tower tensors (none of {_few(reference)}); it looks like "
+                              f"{ckpt.layout or layouts.describe(ckpt.tensors)}, keys: {_few(ckpt.tensors)}")
     return prefix, {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
 
 
@@ -198,9 +229,12 @@ def load_visual(path, reference: dict[str, torch.Tensor], quick_gelu: bool | Non
     """
     ckpt = read_checkpoint(path)
     if quick_gelu is not None and ckpt.quick_gelu is not None:
-        resolve_quick_gelu(quick_gelu, [(f"checkpoint {ckpt.path}", ckpt.quick_gelu)])
+        resolve_quick_gelu(quick_gelu, [(ckpt.quick_gelu_source, ckpt.quick_gelu)])
     _, got = _split_visual(ckpt, reference)
-    return _validate(ckpt.path, got, reference, "visual tower")
+    for key in ckpt.from_pretrained:  # e.g. a transformers CLIPVisionModel carries no projection
+        if key in reference and key not in got:
+            got[key] = reference[key]
+    return _validate(ckpt.path, got, reference, "visual tower", layout=ckpt.layout)
 
 
 # ---------------------------------------------------------------- the pretrained model
@@ -235,10 +269,38 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _model_source(model: str) -> tuple[str, str, dict | None, dict]:
-    """(kind, name, model config, preprocess overrides) for an open_clip name, a config .json, hf-hub: or local-dir:."""
+def _known_architecture(config: dict) -> str | None:
+    """The models/architectures.json name whose open_clip config has this image tower (for a transformers CLIP
+    directory, whose own name says nothing to the catalog), or None."""
     import open_clip
 
+    keys = ("width", "layers", "patch_size", "image_size")
+    ours = {k: config["vision_cfg"].get(k) for k in keys}
+    for name in catalog.architecture_names():
+        known = open_clip.get_model_config(name)
+        if known and known.get("embed_dim") == config["embed_dim"] and \
+                {k: known["vision_cfg"].get(k) for k in keys} == ours and \
+                bool(known.get("quick_gelu", False)) == bool(config.get("quick_gelu")):
+            return name
+    return None
+
+
+def _model_source(model: str) -> tuple[str, str, dict | None, dict]:
+    """(kind, name, model config, preprocess overrides) for an open_clip name, a config .json, hf-hub:, local-dir:
+    or a directory (an open_clip local-dir save, or a transformers CLIP save: converted, see layouts)."""
+    import open_clip
+
+    folder = Path(model).expanduser()
+    if not model.startswith(("local-dir:", "hf-hub:")) and folder.is_dir():
+        if (folder / "open_clip_config.json").is_file():
+            model = f"local-dir:{folder}"
+        elif transformers_clip.is_transformers_dir(folder):
+            config = transformers_clip.open_clip_config(transformers_clip.read_config(folder), folder / "config.json")
+            name = _known_architecture(config) or folder.name
+            return "transformers", name, config, transformers_clip.preprocess(folder)
+        else:
+            raise ConfigError(f"{folder}: a directory, but neither an open_clip save (open_clip_config.json) nor a "
+                              "transformers CLIP save (config.json with model_type clip or clip_vision_model)")
     if model.startswith("local-dir:"):
         folder = Path(model[len("local-dir:"):]).expanduser()
         config_file = folder / "open_clip_config.json"
@@ -264,6 +326,19 @@ def _model_source(model: str) -> tuple[str, str, dict | None, dict]:
         raise ConfigError(f"{model!r} is neither an open_clip model name (see open_clip.list_models()) nor a "
                           "model-config .json file, hf-hub: or local-dir:")
     return "name", model, config, {}
+
+
+def model_depth(model: str) -> int | None:
+    """Blocks in the image tower, from the model's config alone (no weights read); None when only the weights tell
+    (hf-hub:)."""
+    kind, _, config, _ = _model_source(str(model))
+    layers = (config or {}).get("vision_cfg", {}).get("layers")
+    return int(layers) if isinstance(layers, int) else None
+
+
+def carries_weights(model: str) -> bool:
+    """A model given as a saved directory brings its own pretrained weights."""
+    return not str(model).startswith(("local-dir:", "hf-hub:")) and Path(str(model)).expanduser().is_dir()
 
 
 def _local_dir_weights(model: str) -> Path:
@@ -369,7 +444,7 @@ def load_pretrained(model: str, pretrained: str | None, quick_gelu: bool | None 
         pretrained = str(pretrained)
         if kind == "name" and open_clip.get_pretrained_cfg(name, pretrained):
             tag = pretrained
-        elif Path(pretrained).expanduser().is_file():
+        elif Path(pretrained).expanduser().is_file() or Path(pretrained).expanduser().is_dir():
             ckpt = read_checkpoint(pretrained)
         elif "/" in pretrained or Path(pretrained).suffix in WEIGHT_SUFFIXES or kind != "name":
             raise CheckpointError(f"{pretrained}: no such file" + (
@@ -380,6 +455,8 @@ def load_pretrained(model: str, pretrained: str | None, quick_gelu: bool | None 
                                   f"(tags: {', '.join(tags) or 'none'})")
     elif kind == "local-dir":
         ckpt = read_checkpoint(_local_dir_weights(model))
+    elif kind == "transformers":
+        ckpt = read_checkpoint(Path(model).expanduser())
     elif kind != "hf-hub":
         raise ConfigError(f"{model}: give pretrained weights (an open_clip tag or a checkpoint file)")
 
@@ -393,7 +470,7 @@ def load_pretrained(model: str, pretrained: str | None, quick_gelu: bool | None 
         tag_quick_gelu = tag in catalog.quick_gelu_tags() or bool(tag_cfg.get("quick_gelu"))
         evidence.append((f"pretrained tag {tag!r}", tag_quick_gelu))
     if ckpt is not None and ckpt.quick_gelu is not None:
-        evidence.append((f"checkpoint {ckpt.path}", ckpt.quick_gelu))
+        evidence.append((ckpt.quick_gelu_source, ckpt.quick_gelu))
     qg = resolve_quick_gelu(quick_gelu, evidence)
 
     if ckpt is None:  # a tag, or hf-hub: with its own weights: open_clip downloads and loads the whole CLIP
@@ -433,25 +510,66 @@ def _task_dirs(task: str) -> list[str]:
     return [task] if task.endswith("Val") else [f"{task}Val", task]
 
 
+def _task_sources(base: Path, task: str) -> list[Path]:
+    """Every checkpoint for ``task`` directly under ``base``, in preference order: the first weights file of the
+    folders ``<Task>Val`` then ``<Task>`` (the TSV/MASS authors' ``Val`` checkpoints are those behind their published
+    numbers, so a tree holding both means ``Val``), then flat files ``<Task>.safetensors`` / ``.pt`` / ``.bin`` /
+    ``.pth``."""
+    found = []
+    for folder in _task_dirs(task):
+        hits = [base / folder / f for f in TASK_FILES if (base / folder / f).is_file()]
+        other = next((h for h in hits[1:] if not _same_save(hits[0].name, h.name)), None)
+        if other is not None:
+            raise CheckpointError(f"task {task}: two checkpoints, {hits[0]} and {other}; keep one, or name the one to "
+                                  f"use in a build config (--config: tasks: {{{task}: {{checkpoint: PATH}}}})")
+        if hits:
+            found.append(hits[0])
+    return found + [base / f"{task}{suffix}" for suffix in FLAT_SUFFIXES if (base / f"{task}{suffix}").is_file()]
+
+
+# File names that one save writes in two formats (hub repos often carry both): not two checkpoints.
+SAME_SAVE = ({"finetuned.pt", "finetuned.safetensors"}, {"pytorch_model.bin", "model.safetensors"},
+             {"open_clip_model.safetensors", "open_clip_pytorch_model.bin"})
+
+
+def _same_save(a: str, b: str) -> bool:
+    return any({a, b} <= names for names in SAME_SAVE)
+
+
+def searched(root, model_name: str | None = None) -> str:
+    """What the finder looks for, for messages."""
+    folders = " and ".join(str(b) for b in _bases(root, model_name))
+    return (f"searched {folders} for a folder <Task>Val or <Task> holding one of {', '.join(TASK_FILES)}, "
+            f"or a file <Task>{'/'.join(FLAT_SUFFIXES)}")
+
+
 def find_task_checkpoints(root, tasks: list[str], model_name: str | None = None) -> dict[str, Path]:
-    """Task -> fine-tuned checkpoint file. MissingCheckpoints lists every task without one.
+    """Task -> fine-tuned checkpoint file. MissingCheckpoints lists every task without one, what was searched and
+    which tasks were found; a task with two checkpoints no rule orders is refused naming both.
 
     Rule: the first hit, searching ``<root>/<model_name>`` before ``<root>``; in each, the folder ``<Task>Val`` (the
-    TSV/MASS authors' checkpoints, those behind their published numbers) before ``<Task>``; in a folder
-    ``nonlinear_finetuned.pt``, ``finetuned.pt``, ``finetuned.safetensors``, ``pytorch_model.bin``,
-    ``model.safetensors``.
+    TSV/MASS authors' checkpoints, those behind their published numbers) before ``<Task>``, then a flat file
+    ``<Task>.safetensors|.pt|.bin|.pth``; in a folder the first of TASK_FILES (task_vectors names, then the
+    transformers and open_clip save names).
     """
     found, missing = {}, []
-    bases = _bases(root, model_name)
     for task in tasks:
-        hit = next((base / d / f for base in bases for d in _task_dirs(task) for f in TASK_FILES
-                    if (base / d / f).is_file()), None)
-        if hit is None:
-            missing.append(task)
+        for base in _bases(root, model_name):
+            sources = _task_sources(base, task)
+            folders = [p for p in sources if p.parent != base]
+            flats = [p for p in sources if p.parent == base]
+            if flats and (folders or len(flats) > 1):
+                first, second = (folders + flats)[:2]
+                raise CheckpointError(f"task {task}: two checkpoints, {first} and {second}; keep one, or name the one "
+                                      f"to use in a build config (--config: tasks: {{{task}: {{checkpoint: PATH}}}})")
+            if sources:
+                found[task] = sources[0]
+                break
         else:
-            found[task] = hit
+            missing.append(task)
     if missing:
-        raise MissingCheckpoints(root, missing)
+        others = [t for t in discover_tasks(root, model_name) if t not in tasks]
+        raise MissingCheckpoints(root, missing, searched(root, model_name), others)
     return found
 
 
@@ -460,16 +578,27 @@ def find_pretrained(root, model_name: str | None = None) -> Path | None:
     return next((base / f for base in _bases(root, model_name) for f in PRETRAINED_FILES if (base / f).is_file()), None)
 
 
+def _not_a_task(name: str) -> bool:
+    """Flat files that are not fine-tunes: the pretrained, heads, and the weight names of saves."""
+    stem = name.rsplit(".", 1)[0]
+    return (name in PRETRAINED_FILES or name in TASK_FILES or stem.startswith(("head_", "zeroshot", "open_clip_",
+                                                                                "epoch_"))
+            or stem in ("pytorch_model", "model", "optimizer", "training_args"))
+
+
 def discover_tasks(root, model_name: str | None = None) -> list[str]:
-    """Sorted task names with a checkpoint under the tree (a ``<Task>Val`` folder counts as task ``<Task>``)."""
+    """Sorted task names with a checkpoint under the tree: folders holding a weights file (a ``<Task>Val`` folder
+    counts as task ``<Task>``) and flat ``<Task>.safetensors|.pt|.bin|.pth`` files."""
     names = set()
     for base in _bases(root, model_name):
         if not base.is_dir():
             continue
-        for folder in base.iterdir():
-            if folder.is_dir() and any((folder / f).is_file() for f in TASK_FILES):
-                name = folder.name
+        for entry in base.iterdir():
+            if entry.is_dir() and any((entry / f).is_file() for f in TASK_FILES):
+                name = entry.name
                 names.add(name[:-3] if name.endswith("Val") and len(name) > 3 else name)
+            elif entry.is_file() and entry.suffix in FLAT_SUFFIXES and not _not_a_task(entry.name):
+                names.add(entry.stem)
     return sorted(names)
 
 
@@ -508,5 +637,5 @@ def load_head(path) -> torch.Tensor:
     return weight.detach().float()
 
 
-__all__ = ["Checkpoint", "PretrainedModel", "discover_tasks", "find_heads", "find_pretrained", "find_task_checkpoints",
+__all__ = ["Checkpoint", "PretrainedModel", "carries_weights", "discover_tasks", "model_depth", "searched", "find_heads", "find_pretrained", "find_task_checkpoints",
            "load_head", "load_pretrained", "load_visual", "read_checkpoint", "resolve_quick_gelu", "visual_state"]

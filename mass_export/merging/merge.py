@@ -114,15 +114,36 @@ def non_redundant_tasks(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, thres
     return accepted
 
 
+# Merge bases: how theta_MT picks, per 2-D key, the tasks whose TSV-M it adds. A new base is one function
+# registered here (its name is then a --base choice: add it to the option's choices in core/options.py; a test
+# checks the two agree).
+BASES: dict = {}
+
+
+def merge_base(name: str):
+    def register(function):
+        BASES[name] = function
+        return function
+    return register
+
+
+@merge_base("tsv")
+def every_task(factors: TaskFactors, threshold: float) -> dict[str, list[int]]:
+    """Plain TSV-M of all tasks (the authors' earlier code)."""
+    return {key: list(range(factors.num_tasks)) for key in factors.U}
+
+
+@merge_base("no-redundancy")
+def non_redundant(factors: TaskFactors, threshold: float) -> dict[str, list[int]]:
+    """Greedily skip a task whose update has cosine > threshold with an accepted one (the authors' latest)."""
+    return {key: non_redundant_tasks(factors.U[key], factors.s[key], factors.V[key], threshold) for key in factors.U}
+
+
 def base_tasks(factors: TaskFactors, base: str = "no-redundancy", threshold: float = 0.3) -> dict[str, list[int]]:
     """Per 2-D key, the tasks that take part in theta_MT."""
-    every = list(range(factors.num_tasks))
-    if base == "tsv":
-        return {key: every for key in factors.U}
-    if base == "no-redundancy":
-        return {key: non_redundant_tasks(factors.U[key], factors.s[key], factors.V[key], threshold)
-                for key in factors.U}
-    raise ConfigError(f"unknown --base {base!r}: choose tsv or no-redundancy")
+    if base not in BASES:
+        raise ConfigError(f"unknown --base {base!r}: choose {' or '.join(BASES)}")
+    return BASES[base](factors, threshold)
 
 
 def merged_tower(pretrained: dict[str, torch.Tensor], factors: TaskFactors, tasks, alpha: float = 1.0,

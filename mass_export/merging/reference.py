@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mass_export.core import options
+from mass_export.core.errors import ConfigError
 from mass_export.nn.heads import head_logits
 from mass_export.merging.merge import TaskFactors, merged_tower
 from mass_export.nn.routing import projection_residuals, routing_probabilities, select_tasks
@@ -15,18 +17,25 @@ from mass_export.nn.tower import FullTower, RoutePrefix, run_with
 
 @dataclass(frozen=True)
 class Method:
-    """MASS's parameters; defaults follow the authors' code (DESIGN.md §2)."""
+    """MASS's parameters; defaults and ranges are those of mass_export.core.options (the authors' code, DESIGN.md
+    §2). ``top_k`` is the CLI's ``--max-tasks`` (at most this many tasks per image), kept as ``top_k`` in the
+    manifest of format mass-export/1."""
 
-    routing_layer: int
-    alpha: float = 1.0
-    eta: float = 0.2
-    tau: float = 1.0
-    top_k: int = 3
-    base: str = "no-redundancy"
-    redundancy_threshold: float = 0.3
-    split_qkv: bool = True
-    rank: int | None = None
-    router_on: str = "merged"  # or "pretrained": route on theta_pre (no theta_MT needed)
+    routing_layer: int = options.field("routing_layer")
+    alpha: float = options.field("alpha")
+    eta: float = options.field("eta")
+    tau: float = options.field("tau")
+    top_k: int = options.field("top_k")
+    base: str = options.field("base")
+    redundancy_threshold: float = options.field("redundancy_threshold")
+    split_qkv: bool = options.field("split_qkv")
+    rank: int | None = options.field("rank")
+    router_on: str = options.field("router_on")  # or "pretrained": route on theta_pre (no theta_MT needed)
+
+    def __post_init__(self):
+        if self.routing_layer is None:
+            raise ConfigError("Method needs a routing_layer")
+        options.check(self)
 
 
 @dataclass

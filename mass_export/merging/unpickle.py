@@ -15,10 +15,20 @@ subclasses :class:`Unpickler` (zip format) or calls :func:`load` (legacy format)
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
+import itertools
+import os
 import pickle
 import sys
 import zipfile
 import torch
+
+# Nothing unpickled may be larger than the file it came from: an element, a byte and a storage byte each need at
+# least a byte of the file, except when a constructor is handed a count (``bytearray(2**31)``,
+# ``set(range(10**9))``) or a storage claims a size: those are checked against this budget, the file's size.
+_BUDGET = contextvars.ContextVar("unpickle_budget", default=1 << 26)
+_SOURCE = contextvars.ContextVar("unpickle_source", default="the pickle")
 
 
 class UnsafePickle(pickle.UnpicklingError):
@@ -40,14 +50,47 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)
 
 
-_SAFE_BUILTINS = {name: getattr(__import__("builtins"), name)
-                  for name in ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "range")}
+def _size_of(arg) -> int:
+    """How many items or bytes a constructor would make from its first argument (a count or an iterable)."""
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return arg
+    try:
+        return len(arg)
+    except OverflowError:  # len(range(10**30))
+        return sys.maxsize
+    except TypeError:
+        return -1  # an iterator: counted while it is consumed
+
+
+def bounded(constructor, name: str):
+    """``constructor`` refusing to build more items or bytes than the budget (the file's size)."""
+
+    def make(*args):
+        if args:
+            budget, size = _BUDGET.get(), _size_of(args[0])
+            if size < 0:
+                items = list(itertools.islice(iter(args[0]), budget + 1))
+                size, args = len(items), (items, *args[1:])
+            if size > budget:
+                raise UnsafePickle(f"{_SOURCE.get()}: the pickle asks for {name} of {size} items or bytes, more "
+                                   f"than the file's {budget} bytes could hold (refused before allocating)")
+        return constructor(*args)
+
+    make.__qualname__ = make.__name__ = name
+    return make
+
+
+_SAFE_BUILTINS = {
+    **{name: getattr(__import__("builtins"), name) for name in ("slice", "complex", "range")},
+    **{name: bounded(getattr(__import__("builtins"), name), name) for name in ("set", "frozenset", "bytearray",
+                                                                                  "bytes")},
+}
 
 _ALLOWED = {
     **_TENSOR_REBUILDERS,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch", "Size"): torch.Size,
+    ("collections", "OrderedDict"): bounded(collections.OrderedDict, "OrderedDict"),
+    ("torch", "Size"): bounded(torch.Size, "torch.Size"),
     ("torch", "device"): torch.device,
     ("_codecs", "encode"): __import__("_codecs").encode,  # how protocol 2 pickles bytes
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
@@ -114,10 +157,36 @@ class StandIn:
         return f"<stand-in for {self.pickled_global}>"
 
 
+def _storage_bytes(saved_id) -> int:
+    """Bytes a torch storage reference (``('storage', type, key, location, numel)``) asks torch to allocate."""
+    if not (isinstance(saved_id, tuple) and len(saved_id) == 5):
+        return 0
+    storage_type, numel = saved_id[1], saved_id[4]
+    itemsize = getattr(getattr(storage_type, "dtype", None), "itemsize", 1)
+    return numel * itemsize if isinstance(numel, int) else 0
+
+
 class Unpickler(pickle.Unpickler):
     """Resolves the allowlist to real objects, dangerous globals to an error and everything else to a stand-in."""
 
     _stand_ins: dict[tuple[str, str], type] = {}
+
+    # torch assigns its storage loader here after construction; wrap it so a storage claiming more bytes than
+    # the file holds is refused before torch allocates it.
+    @property
+    def persistent_load(self):
+        raise AttributeError("persistent_load")
+
+    @persistent_load.setter
+    def persistent_load(self, function):
+        def guarded(saved_id):
+            size, budget = _storage_bytes(saved_id), _BUDGET.get()
+            if size > budget:
+                raise UnsafePickle(f"{_SOURCE.get()}: a tensor storage of {size} bytes, more than the file's "
+                                   f"{budget} bytes (refused before allocating)")
+            return function(saved_id)
+
+        pickle.Unpickler.persistent_load.__set__(self, guarded)
 
     def find_class(self, module, name):
         key = (module, name)
@@ -159,7 +228,18 @@ def load_file(path) -> object:
     if is_torchscript(path):
         # torch.load would hand it to torch.jit.load, which runs its code.
         raise pickle.UnpicklingError("a TorchScript archive (torch.jit.save), not a pickled checkpoint")
-    return torch.load(path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False)
+    with _budget_of(path):
+        return torch.load(path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False)
+
+
+@contextlib.contextmanager
+def _budget_of(path):
+    size, source = _BUDGET.set(max(os.path.getsize(path), 1 << 16)), _SOURCE.set(str(path))
+    try:
+        yield
+    finally:
+        _BUDGET.reset(size)
+        _SOURCE.reset(source)
 
 
 def collect_tensors(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], set[str]]:

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,42 +16,19 @@ from tqdm.auto import tqdm
 
 from mass_export import __version__
 
-from mass_export.core import catalog
-from mass_export.core.errors import BuildExists, CheckpointError, ConfigError
+from mass_export.core import catalog, options
+from mass_export.core.errors import CheckpointError, ConfigError
 from mass_export.core.manifest import staged_directory, update_manifest, write_manifest
+from mass_export.core.outputs import locked, refuse_overlap
 from mass_export.merging import checkpoints as ckpt
 from mass_export.merging.zeroshot import tokenizer_for, zero_shot_head
 from mass_export.merging.merge import TaskFactors, base_tasks, factors_to_flat, stack_tasks, task_delta, truncate_task
 from mass_export.merging.reference import MassReference, Method, router_basis_key
+from mass_export.pipeline.config import BuildConfig  # noqa: F401  (part of this module's API)
 
 
-@dataclass
-class BuildConfig:
-    model: str
-    output: Path
-    pretrained: str | None = None
-    checkpoints: Path | None = None
-    tasks: list[str] | int | None = None
-    rank: int | None = None
-    routing_layer: int | None = None
-    base: str = "no-redundancy"
-    redundancy_threshold: float = 0.3
-    split_qkv: bool = True
-    alpha: float = 1.0
-    eta: float = 0.2
-    tau: float = 1.0
-    top_k: int = 3
-    router_on: str = "merged"
-    quick_gelu: bool | None = None
-    force: bool = False
-    export: bool = True
-    validate: bool = True
-    atol: float = 1e-4
-    opset: int = 18
-    threads: int | None = None  # torch threads; 1 avoids oversubscription on small shared machines
-    storage_dtype: str = "fp32"  # of the per-task factors and deltas; theta_pre stays fp32
-    validation_images: list[Path] = field(default_factory=list)
-    progress: bool = True
+class BuildWarning(UserWarning):
+    """Something the build did that the user may not expect (e.g. classes shown as indices); the CLI prints it."""
 
 
 @dataclass
@@ -65,43 +43,110 @@ class Loaded:
     heads: list[torch.Tensor]
     classes: dict[str, list[str]]
     method: Method
+    notes: list[str] = field(default_factory=list)  # the warnings given, kept in the manifest
 
     def reference(self, cache_size: int = 4) -> MassReference:
         return MassReference(self.pretrained.model.visual, self.visual_pre, self.factors, self.bases, self.heads,
                              self.method, cache_size)
 
 
-def resolve_tasks(spec, checkpoints: Path | None, model_name: str | None) -> list[str]:
-    if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
-        return catalog.benchmark_tasks(int(spec))
-    if isinstance(spec, str):
-        spec = [t.strip() for t in spec.split(",") if t.strip()]
-    if spec:
-        return list(spec)
+def note(notes: list[str], message: str) -> None:
+    notes.append(message)
+    warnings.warn(message, BuildWarning, stacklevel=3)
+
+
+def resolve_tasks(cfg: BuildConfig, checkpoints: Path | None, model_name: str | None) -> list[str]:
+    """The task list: a benchmark count, names (--tasks or the config file's tasks), else those found on disk."""
+    if isinstance(cfg.tasks, int) or (isinstance(cfg.tasks, str) and cfg.tasks.strip().isdigit()):
+        return catalog.benchmark_tasks(int(cfg.tasks))
+    names = cfg.task_names()
+    if names:
+        return names
     if checkpoints is None:
-        raise ConfigError("give --tasks (a count or names) or --checkpoints to discover them")
-    found = ckpt.discover_tasks(checkpoints, model_name)
+        raise ConfigError("give --tasks (a count or names), --checkpoints to discover them, or tasks: in --config")
+    # a pretrained saved as a folder inside the tree looks like a task folder: it is not one
+    pretrained_dirs = {Path(p).expanduser().resolve() for p in (cfg.model, cfg.pretrained)
+                       if p and Path(p).expanduser().is_dir()}
+    found = [t for t in ckpt.discover_tasks(checkpoints, model_name)
+             if not any((base / t).resolve() in pretrained_dirs for base in (checkpoints, checkpoints / model_name))]
     if not found:
-        raise CheckpointError(f"{checkpoints}: no task checkpoints found")
+        raise CheckpointError(f"{checkpoints}: no task checkpoints found; {ckpt.searched(checkpoints, model_name)}. "
+                              "Name each task's checkpoint in a build config (--config, docs/checkpoints.md)")
     return found
 
 
-def load_heads(pretrained: ckpt.PretrainedModel, tasks, checkpoints) -> tuple[list[torch.Tensor], dict]:
-    """Heads from head_<Task> files where the tree has them, else zero-shot from the pretrained text tower."""
-    files = ckpt.find_heads(checkpoints, tasks, pretrained.name) if checkpoints else {}
+def task_checkpoints(cfg: BuildConfig, tasks: list[str], checkpoints: Path | None, model_name: str) -> dict[str, Path]:
+    """Task -> checkpoint: the config file's ``checkpoint`` where given, else the search of --checkpoints."""
+    given = {t: cfg.task_specs[t].checkpoint for t in tasks if t in cfg.task_specs and cfg.task_specs[t].checkpoint}
+    rest = [t for t in tasks if t not in given]
+    if rest and checkpoints is None:
+        raise ConfigError(f"no checkpoint for task(s) {', '.join(rest)}: give --checkpoints (the directory holding "
+                          "one fine-tuned checkpoint per task) or checkpoint: for each in --config")
+    found = ckpt.find_task_checkpoints(checkpoints, rest, model_name) if rest else {}
+    return {t: given.get(t) or found[t] for t in tasks}
+
+
+def _task_folder(task: str, checkpoint: Path) -> Path | None:
+    """The folder that is the task's own (a directory checkpoint, or <Task>/<Task>Val holding the file)."""
+    if checkpoint.is_dir():
+        return checkpoint
+    return checkpoint.parent if checkpoint.parent.name in (task, f"{task}Val") else None
+
+
+def class_names(task: str, spec, checkpoint: Path | None, info: dict | None) -> tuple[list[str] | None, str]:
+    """(names, where from): the config file's classes, then <task folder>/classes.txt, then models/datasets/."""
+    from mass_export.pipeline.config import read_names
+
+    if spec is not None and spec.classes:
+        return spec.classes, "the build config"
+    folder = _task_folder(task, checkpoint) if checkpoint is not None else None
+    if folder is not None and (folder / "classes.txt").is_file():
+        return read_names(str(folder / "classes.txt"), folder, str(folder / "classes.txt")), str(folder / "classes.txt")
+    if info:
+        return list(info["classes"]), f"models/datasets/ ({task})"
+    return None, ""
+
+
+HOW_TO_NAME = ("give them as classes: in a build config (--config, tasks: {TASK: {classes: [...]}}) or in "
+               "TASK/classes.txt beside the checkpoint, one per line")
+
+
+def load_heads(pretrained: ckpt.PretrainedModel, tasks, checkpoints, cfg: BuildConfig | None = None,
+               paths: dict | None = None, notes: list | None = None) -> tuple[list[torch.Tensor], dict]:
+    """Heads from the config's head files or head_<Task> files in the tree, else zero-shot from the pretrained text
+    tower with the task's class names and templates. Classes without names are shown as indices, with a warning."""
+    specs = cfg.task_specs if cfg else {}
+    paths = paths or {}
+    notes = notes if notes is not None else []
+    found = ckpt.find_heads(checkpoints, [t for t in tasks if not (t in specs and specs[t].head)],
+                            pretrained.name) if checkpoints else {}
     heads, classes, problems = [], {}, []
     for task in tasks:
-        info = catalog.dataset_info(task)
-        if task in files:
-            head = ckpt.load_head(files[task]).float()
-        elif info and pretrained.has_text:
+        spec, info = specs.get(task), catalog.dataset_info(task)
+        names, source = class_names(task, spec, paths.get(task), info)
+        head_file = spec.head if spec is not None and spec.head else found.get(task)
+        if head_file is not None:
+            head = ckpt.load_head(head_file).float()
+        elif names and pretrained.has_text:
+            templates = (spec.templates if spec is not None and spec.templates else None) or \
+                (info["templates"] if info else DEFAULT_TEMPLATES)
             tokenizer = tokenizer_for(pretrained.name, pretrained.config["text_cfg"].get("context_length", 77))
-            head = zero_shot_head(pretrained.model, tokenizer, info["classes"], info["templates"])
+            head = zero_shot_head(pretrained.model, tokenizer, names, templates)
         else:
-            problems.append(f"{task}: no head_{task} file and "
-                            + ("no class names in models/datasets/" if not info else "no text tower in the pretrained weights"))
+            why = "no class names" if not names else "no text tower in the pretrained weights"
+            problems.append(f"{task}: no head file (head_{task}.pt / .safetensors, or head: in --config) and {why}"
+                            + (f" ({HOW_TO_NAME})" if not names else
+                               " (give a pretrained with its text tower, e.g. a whole CLIP, or a head file)"))
             continue
-        names = info["classes"] if info and len(info["classes"]) == head.shape[0] else [str(i) for i in range(head.shape[0])]
+        if names and len(names) != head.shape[0]:
+            if spec is not None and spec.classes or source.endswith("classes.txt"):
+                raise ConfigError(f"{task}: {len(names)} class names from {source}, but its head has "
+                                  f"{head.shape[0]} classes")
+            names = None
+        if not names:
+            note(notes, f"{task}: no class names for its {head.shape[0]} classes; run will print class indices. "
+                 + HOW_TO_NAME[0].upper() + HOW_TO_NAME[1:])
+            names = [str(i) for i in range(head.shape[0])]
         heads.append(head)
         classes[task] = names
     if problems:
@@ -109,24 +154,34 @@ def load_heads(pretrained: ckpt.PretrainedModel, tasks, checkpoints) -> tuple[li
     return heads, classes
 
 
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+
+
 @torch.no_grad()
 def load(cfg: BuildConfig) -> Loaded:
     """Read checkpoints, compute deltas and the per-task truncated factors, heads and the method."""
+    cfg.check()  # every option's range, before anything is read
+    depth = ckpt.model_depth(cfg.model)
+    if depth is not None and cfg.routing_layer is not None and cfg.routing_layer >= depth:
+        raise ConfigError(f"--routing-layer {cfg.routing_layer}: the tower has blocks 0..{depth - 1}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.storage_dtype not in ("fp32", "fp16"):
-        raise ConfigError(f"--storage-dtype {cfg.storage_dtype!r}: choose fp32 or fp16")
+    notes: list[str] = []
     checkpoints = Path(cfg.checkpoints) if cfg.checkpoints else None
     model_stem = Path(cfg.model).stem if cfg.model.endswith(".json") else cfg.model
     source = cfg.pretrained
-    if source is None and checkpoints is not None:
+    if source is None and checkpoints is not None and not ckpt.carries_weights(cfg.model):
         found = ckpt.find_pretrained(checkpoints, model_stem)
         source = str(found) if found else None
     pretrained = ckpt.load_pretrained(cfg.model, source, cfg.quick_gelu)
-    tasks = resolve_tasks(cfg.tasks, checkpoints, pretrained.name)
-    if checkpoints is None:
-        raise ConfigError("--checkpoints is required: the directory holding one fine-tuned checkpoint per task")
-    paths = ckpt.find_task_checkpoints(checkpoints, tasks, pretrained.name)
+    tasks = resolve_tasks(cfg, checkpoints, pretrained.name)
+    paths = task_checkpoints(cfg, tasks, checkpoints, pretrained.name)
+    layers = len(pretrained.model.visual.transformer.resblocks)
+    layer = cfg.routing_layer if cfg.routing_layer is not None else catalog.routing_layer(pretrained.name, layers)
+    method = Method(**{**{o.name: getattr(cfg, o.name) for o in options.METHOD_OPTIONS}, "routing_layer": layer})
+    if not 0 <= layer < layers:
+        raise ConfigError(f"--routing-layer {layer}: the tower has blocks 0..{layers - 1}")
+    heads, classes = load_heads(pretrained, tasks, checkpoints, cfg, paths, notes)  # cheap, and fails early
     visual_pre = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
                   for k, v in ckpt.visual_state(pretrained.model).items()}
     parts = []
@@ -139,19 +194,9 @@ def load(cfg: BuildConfig) -> Loaded:
         # Round now, so the reference, the validation and the runtime all see exactly what is stored.
         factors = round_to_half(factors)
     bases = base_tasks(factors, cfg.base, cfg.redundancy_threshold)
-    layers = len(pretrained.model.visual.transformer.resblocks)
-    layer = cfg.routing_layer if cfg.routing_layer is not None else catalog.routing_layer(pretrained.name, layers)
-    if not 0 <= layer < layers:
-        raise ConfigError(f"--routing-layer {layer}: the tower has blocks 0..{layers - 1}")
-    if cfg.router_on not in ("merged", "pretrained"):
-        raise ConfigError(f"--router-on {cfg.router_on!r}: choose merged or pretrained")
-    method = Method(routing_layer=layer, alpha=cfg.alpha, eta=cfg.eta, tau=cfg.tau, top_k=cfg.top_k,
-                    base=cfg.base, redundancy_threshold=cfg.redundancy_threshold, split_qkv=cfg.split_qkv,
-                    rank=cfg.rank, router_on=cfg.router_on)
-    heads, classes = load_heads(pretrained, tasks, checkpoints)
     if router_basis_key(layer) not in factors.V:
         raise ConfigError(f"no stored factors for {router_basis_key(layer)}")
-    return Loaded(pretrained, tasks, visual_pre, factors, bases, heads, classes, method)
+    return Loaded(pretrained, tasks, visual_pre, factors, bases, heads, classes, method, notes)
 
 
 def round_to_half(factors: TaskFactors) -> TaskFactors:
@@ -200,8 +245,36 @@ def storage_report(root: Path, visual_pre: dict) -> dict:
             "factor_of_tower": {name: round(size / tower, 4) for name, size in {**sizes, "total": total}.items()}}
 
 
+def written_opset(stage: Path, graphs: dict, asked: int) -> int:
+    """The opset the exported graphs really carry (the manifest states this one); asked for another: an error."""
+    if not graphs:
+        return asked
+    import onnx
+
+    found = set()
+    for info in graphs.values():
+        model = onnx.load(str(stage / info["file"]), load_external_data=False)
+        found |= {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")}
+    if found != {asked}:
+        raise ConfigError(f"--opset {asked}: the exporter wrote opset {', '.join(map(str, sorted(found)))}")
+    return asked
+
+
+def require_finite(tensors: dict, file: str) -> dict:
+    """Refuse NaN/Inf before it is stored: a build never holds a non-finite weight."""
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ConfigError(f"{file}: NaN/Inf in {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
+                          + " (from the checkpoints or the method parameters); nothing was written")
+    return tensors
+
+
 def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
     pm, method = loaded.pretrained, loaded.method
+    require_finite(loaded.visual_pre, "pretrained.safetensors")
+    require_finite(factors_to_flat(loaded.factors, loaded.bases), "factors.safetensors")
+    require_finite(loaded.factors.whole, "deltas.safetensors")
+    require_finite({f"heads[{task}]": head for task, head in zip(loaded.tasks, loaded.heads)}, "heads.safetensors")
     save_file({k: v.contiguous() for k, v in loaded.visual_pre.items()}, str(stage / "pretrained.safetensors"))
     save_file(stored_dtype(factors_to_flat(loaded.factors, loaded.bases), cfg.storage_dtype),
               str(stage / "factors.safetensors"))
@@ -228,24 +301,34 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
         "base_tasks": {key: tasks for key, tasks in loaded.bases.items()},
         "heads": offsets,
         "graphs": graphs,
-        "opset": cfg.opset,
+        "opset": written_opset(stage, graphs, cfg.opset),
         "precision": "fp32",
         "storage_dtype": cfg.storage_dtype,
         "versions": versions(),
+        "build_config": cfg.record(),
+        "warnings": loaded.notes,
     }
     write_manifest(stage, manifest)
     return update_manifest(stage, storage=storage_report(stage, loaded.visual_pre))
+
+
+def build_inputs(cfg: BuildConfig) -> list[Path]:
+    """The files and folders a build reads: the output may not be, hold, or lie inside one of them."""
+    per_task = [p for spec in (cfg.task_specs or {}).values() for p in (spec.checkpoint, spec.head, spec.classes)
+                if isinstance(p, (str, Path))]
+    named = [cfg.checkpoints, cfg.model, cfg.pretrained, cfg.config_file, *per_task, *cfg.validation_images]
+    return [Path(p) for p in named if p is not None and (Path(p).exists() or Path(p).is_symlink())]
 
 
 @torch.no_grad()
 def build(cfg: BuildConfig) -> tuple[Path, dict]:
     """Run the whole build; the output directory appears only complete and validated."""
     started = time.perf_counter()
+    cfg.check()
     output = Path(cfg.output)
-    if output.exists() and not cfg.force:  # refuse before minutes of SVDs, not after
-        raise BuildExists(f"{output} exists; pass --force to overwrite it")
-    loaded = load(cfg)
-    with staged_directory(output, cfg.force) as stage:
+    refuse_overlap(output, build_inputs(cfg), "-o/--output")
+    with locked(output, what="being built or read"), staged_directory(output, cfg.force) as stage:
+        loaded = load(cfg)
         manifest = write_build(loaded, cfg, stage)
         if cfg.export and cfg.validate:
             from mass_export.export.validate import validate_build

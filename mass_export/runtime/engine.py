@@ -25,7 +25,7 @@ from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_
 from mass_export.core.manifest import read_manifest
 from mass_export.core.taskweights import StoredTasks, task_set_weights
 from mass_export.runtime.backends import Runner, check_providers, make_runner
-from mass_export.runtime.images import as_image
+from mass_export.runtime.images import DEFAULT_MAX_PIXELS, as_image
 from mass_export.runtime.preprocess import Preprocessor
 
 GRAPHS = ("prefix", "router", "encoder", "heads")
@@ -108,8 +108,19 @@ def _check(condition: bool, root: Path, problem: str) -> None:
         raise BuildIntegrityError(f"{root}: {problem}")
 
 
+def load_finite(root: Path, name: str) -> dict[str, np.ndarray]:
+    """A safetensors file of the build, refusing NaN/Inf (a build never stores them; validation would not catch
+    a weight that only some images reach)."""
+    arrays = load_file(str(root / name))
+    bad = [k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    _check(not bad, root, f"{name}: NaN/Inf in {', '.join(bad[:5])}")
+    return arrays
+
+
 class MassRuntime:
     """A loaded build. ``classify`` for images; ``route`` and ``encode`` for validation and benchmarks."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS  # a larger image file is refused before it is decoded (set to raise it)
 
     def __init__(self, root: Path, manifest: dict, stored: StoredTasks, heads: np.ndarray,
                  classes: dict[str, list[str]], runners: dict[str, Runner], cache_size: int = 4,
@@ -161,10 +172,10 @@ class MassRuntime:
         graphs = manifest.get("graphs") or {}
         missing = [name for name in GRAPHS if name not in graphs]
         _check(not missing, root, f"no {', '.join(missing)} graph(s) in the manifest (built with --no-export?)")
-        stored = StoredTasks.from_flat(load_file(str(root / "pretrained.safetensors")),
-                                       load_file(str(root / "factors.safetensors")),
-                                       load_file(str(root / "deltas.safetensors")), manifest["method"]["alpha"])
-        heads = load_file(str(root / "heads.safetensors"))["heads"]
+        stored = StoredTasks.from_flat(load_finite(root, "pretrained.safetensors"),
+                                       load_finite(root, "factors.safetensors"),
+                                       load_finite(root, "deltas.safetensors"), manifest["method"]["alpha"])
+        heads = load_finite(root, "heads.safetensors")["heads"]
         classes = json.loads((root / "classes.json").read_text())
         runners = {name: make_runner(root / graphs[name]["file"], backend, providers, threads, check=False)
                    for name in GRAPHS}
@@ -234,7 +245,7 @@ class MassRuntime:
 
     def _prepare(self, item):
         path = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
-        loaded = as_image(item)
+        loaded = as_image(item, self.max_pixels)
         if loaded.error:
             return None, path, loaded.error, None
         try:

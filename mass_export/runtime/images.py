@@ -5,7 +5,9 @@ the fine-tuned encoders saw their data. Modes other than RGB and L are converted
 
 - alpha (RGBA, LA, PA, palette transparency) is dropped, as PIL's ``convert("RGB")``, torchvision's loader
   and open_clip do, so the pixels are those the torch reference pipeline sees;
-- 16-bit and 32-bit greyscale (I;16*, I, F) is scaled to 8 bits (PIL's own conversion would clip at 255);
+- 16-bit and 32-bit greyscale is mapped to 8 bits by one fixed rule, never by the image's own range (a
+  near-black image stays near black): I;16* and I (how Pillow decodes 16-bit PNG/TIFF) divide by 257, so
+  0..65535 -> 0..255 (I values outside 0..65535 clip); F (float) is taken as 0..1 and multiplied by 255 (clipped);
 - CMYK, palette, 1-bit and others use PIL's conversion.
 
 EXIF orientation is not applied (torchvision and open_clip do not apply it either).
@@ -21,6 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# Decoded pixels allowed per image (width x height): a small file can decode to gigabytes (a "decompression
+# bomb"). Such a file is an error row; the run goes on. `run --max-megapixels` raises it.
+DEFAULT_MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -65,13 +70,10 @@ def expand_paths(paths) -> list[Path | PathProblem]:
 
 
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """The fixed 16/32-bit -> 8-bit mapping of the module docstring (65535 -> 255 for integers, 1.0 -> 255 for F)."""
     pixels = np.asarray(image).astype(np.float64)
-    top = float(pixels.max()) if pixels.size else 0.0
-    if image.mode == "F" and top <= 1.0:
-        pixels = pixels * 255.0
-    elif top > 255:
-        pixels = pixels / (65535.0 if top <= 65535 else top) * 255.0
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    scaled = pixels * 255.0 if image.mode == "F" else pixels / 257.0
+    return Image.fromarray(np.clip(np.rint(np.nan_to_num(scaled, nan=0.0)), 0, 255).astype(np.uint8), "L")
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
@@ -90,8 +92,18 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image.convert("RGB"), f"{mode} image converted to RGB"
 
 
-def load_image(path) -> LoadedImage:
-    """Decode a file fully (truncation surfaces here) and convert it to RGB; problems become ``error``."""
+def too_many_pixels(size: tuple[int, int], max_pixels: int) -> str | None:
+    width, height = size
+    if width * height > max_pixels:
+        return (f"refused: {width}x{height} = {width * height / 1e6:.1f} megapixels decoded exceeds the limit of "
+                f"{max_pixels / 1e6:g} (--max-megapixels)")
+    return None
+
+
+def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Decode a file fully (truncation surfaces here) and convert it to RGB; problems become ``error``.
+
+    The size is checked from the header before decoding: more than ``max_pixels`` is an error, not a decode."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -100,19 +112,21 @@ def load_image(path) -> LoadedImage:
             return LoadedImage(None, "empty file (0 bytes)")
     except OSError as error:
         return LoadedImage(None, f"cannot read ({error.strerror or error})")
-    return _decode(lambda: Image.open(path))
+    return _decode(lambda: Image.open(path), max_pixels)
 
 
-def decode_image_bytes(data: bytes) -> LoadedImage:
+def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """As :func:`load_image`, for an encoded image held in memory (e.g. a Ray Data ``bytes`` column)."""
     if not data:
         return LoadedImage(None, "empty file (0 bytes)")
-    return _decode(lambda: Image.open(io.BytesIO(bytes(data))))
+    return _decode(lambda: Image.open(io.BytesIO(bytes(data))), max_pixels)
 
 
-def _decode(open_image) -> LoadedImage:
+def _decode(open_image, max_pixels: int) -> LoadedImage:
     try:
         with open_image() as image:
+            if problem := too_many_pixels(image.size, max_pixels):
+                return LoadedImage(None, problem)
             image.load()
             rgb, warning = to_rgb(image)
             rgb.load()
@@ -130,14 +144,15 @@ def _decode(open_image) -> LoadedImage:
         return LoadedImage(None, f"corrupt or truncated image ({type(error).__name__}: {error})")
 
 
-def as_image(item) -> LoadedImage:
-    """A path, encoded bytes, PIL image or HWC uint8 array as an RGB PIL image (arrays: (H, W), (H, W, 3) or (H, W, 4))."""
+def as_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """A path, encoded bytes, PIL image or HWC uint8 array as an RGB PIL image (arrays: (H, W), (H, W, 3) or
+    (H, W, 4))."""
     if isinstance(item, PathProblem):
         return LoadedImage(None, item.error)
     if isinstance(item, (str, os.PathLike)):
-        return load_image(item)
+        return load_image(item, max_pixels)
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return decode_image_bytes(item)
+        return decode_image_bytes(item, max_pixels)
     if isinstance(item, Image.Image):
         rgb, warning = to_rgb(item)
         return LoadedImage(rgb, None, warning)
