@@ -129,3 +129,103 @@ def test_ray_local_cluster_writes_the_same_rows_as_a_local_run(tiny_build, folde
         if a["score"] is not None:
             assert abs(a["score"] - b["score"]) < 1e-4 and abs(a["confidence"] - b["confidence"]) < 1e-4
     assert sum(bool(r["error"]) for r in rows) == 2  # the missing path and the broken file, as rows
+
+
+# --- the run command: shards, resume, lists, Parquet, --ray ------------------------------------------------------
+
+def run_cli(*args, stdin: str | None = None, timeout: int = 600):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mass_export_cli", "run", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def rows_of(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_shards_cover_a_folder_exactly_once(tiny_build, folder, tmp_path):
+    whole = tmp_path / "all.jsonl"
+    assert run_cli(folder, "--build", tiny_build, "-o", whole, "--threads", 1).returncode == 0
+    parts = []
+    for index in (1, 2):
+        out = tmp_path / f"shard{index}.jsonl"
+        result = run_cli(folder, "--build", tiny_build, "-o", out, "--shard", f"{index}/2", "--threads", 1)
+        assert result.returncode == 0, result.stderr
+        parts.append(rows_of(out))
+    assert all(parts) and sorted(r["path"] for part in parts for r in part) == sorted(r["path"] for r in rows_of(whole))
+    by_path = {r["path"]: r for r in rows_of(whole)}
+    assert all(r["class"] == by_path[r["path"]]["class"] for part in parts for r in part)
+    assert run_cli(folder, "--build", tiny_build, "--shard", "3/2").returncode == 2
+
+
+def test_resume_after_a_killed_run_ends_with_every_image_once(tiny_build, folder, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for n in range(24, 60):  # enough images that the run is still going when it is killed
+        shutil.copy(next(folder.rglob("*.png")), folder / "part0" / f"more{n}.png")
+    out = tmp_path / "rows.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "mass_export_cli", "run", str(folder), "--build",
+                                str(tiny_build), "-o", str(out), "--batch-size", "1", "--threads", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while (not out.exists() or out.read_text().count("\n") < 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    written = out.read_text().count("\n")
+    assert 3 <= written < 60, "the run was not interrupted part way"
+    with open(out, "a") as handle:  # what a kill in the middle of a write leaves
+        handle.write('{"path": "torn')
+    result = run_cli(folder, "--build", tiny_build, "-o", out, "--resume", "--json", "--threads", 1)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["skipped_done"] == written
+    paths = [r["path"] for r in rows_of(out)]
+    expected = [str(p) for p in expand_arguments([str(folder)])]
+    assert sorted(paths) == sorted(expected) and len(paths) == len(set(paths))
+    # A second resume finds nothing to do; resume without --output or with --force is a usage error.
+    again = run_cli(folder, "--build", tiny_build, "-o", out, "--resume", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["images"] == 0
+    assert run_cli(folder, "--build", tiny_build, "--resume").returncode == 2
+    assert run_cli(folder, "--build", tiny_build, "-o", out, "--resume", "--force").returncode == 2
+
+
+def test_run_reads_paths_from_stdin_and_lists_and_writes_parquet(tiny_build, folder, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed")
+    every = [str(p) for p in expand_arguments([str(folder)])]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(every[:6]) + "\n")
+    out = tmp_path / "rows.jsonl"
+    result = run_cli("-", f"@{listing}", "--build", tiny_build, "-o", out, stdin="\n".join(every[6:9]) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert [r["path"] for r in rows_of(out)] == every[6:9] + every[:6]
+    table = tmp_path / "rows.parquet"
+    result = run_cli(folder, "--build", tiny_build, "-o", table, "--threads", 1)
+    assert result.returncode == 0, result.stderr
+    read = pq.read_table(table).to_pylist()
+    jsonl = tmp_path / "same.jsonl"
+    run_cli(folder, "--build", tiny_build, "-o", jsonl, "--threads", 1)
+    for a, b in zip(read, rows_of(jsonl), strict=True):
+        assert (a["path"], a["task"], a["class"], json.loads(a["task_set"])) == \
+            (b["path"], b["task"], b["class"], b["task_set"])
+        assert abs(a["confidence"] - b["confidence"]) < 1e-9
+    assert not list(tmp_path.glob(".rows.parquet.*"))
+
+
+def test_run_on_a_local_ray_cluster_writes_the_rows_of_a_local_run(tiny_build, folder, tmp_path):
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    local, distributed = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    assert run_cli(folder, "--build", tiny_build, "-o", local, "--threads", 1).returncode == 0
+    result = run_cli(folder, "--build", tiny_build, "-o", distributed, "--ray", "local", "--ray-workers", 2,
+                     "--threads", 1, "--json", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["providers"] == ["ray:local x2"]
+    for a, b in zip(rows_of(distributed), rows_of(local), strict=True):
+        assert (a["path"], a["task"], a["class"], a["task_set"]) == (b["path"], b["task"], b["class"], b["task_set"])
+        assert abs(a["score"] - b["score"]) < 1e-4 and set(a["task_probs"]) == set(b["task_probs"])
