@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import math
 import os
 import sys
@@ -20,7 +21,8 @@ from mass_export.core.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT, EXI
 from mass_export.core.jsonout import strict_dumps
 from mass_export.core.outputs import is_within, locked
 
-COLUMNS = ("path", "task", "class", "score", "top_k", "task_set", "error", "warning")
+COLUMNS = ("path", "task", "class", "score", "confidence", "top_k", "task_set", "task_probs", "error", "warning")
+NESTED = ("top_k", "task_set", "task_probs")  # JSON text in CSV and Parquet cells
 
 
 # ---- row formats: a new one is one class + one registration ---------------------------------------------------
@@ -60,8 +62,8 @@ class Csv:
         return self._line(COLUMNS)
 
     def line(self, row: dict) -> str:
-        row = {**row, "top_k": strict_dumps(row["top_k"], "row"), "task_set": strict_dumps(row["task_set"], "row"),
-               "score": "" if row["score"] is None else repr(row["score"])}
+        row = {**row, **{name: strict_dumps(row[name], "row") for name in NESTED},
+               **{name: "" if row[name] is None else repr(row[name]) for name in ("score", "confidence")}}
         return self._line(["" if row[c] is None else row[c] for c in COLUMNS])
 
 
@@ -76,16 +78,18 @@ def printable(text: str | None) -> str | None:
 
 
 def output_row(prediction) -> dict:
-    """The row of one prediction: file names printable, and no NaN/Inf score passed off as a result."""
-    row = prediction.to_row()
+    """The row of one prediction (or of a row a Ray worker made): file names printable, and no NaN/Inf score
+    passed off as a result."""
+    row = prediction.to_row() if hasattr(prediction, "to_row") else dict(prediction)
     path = printable(row["path"])
     notes = [row["warning"]] if row["warning"] else []
     if path != row["path"]:
         notes.append("file name is not valid UTF-8: its undecodable bytes are shown as \\xNN")
     row.update(path=path, error=printable(row["error"]), warning="; ".join(notes) or None)
-    scores = [row["score"]] + [score for _, score in row["top_k"]] if row["score"] is not None else []
+    scores = ([row["score"], row["confidence"]] + [score for _, score in row["top_k"]]
+              + list(row["task_probs"].values()) if row["score"] is not None else [])
     if not all(math.isfinite(s) for s in scores):
-        row.update(task=None, **{"class": None}, score=None, top_k=[],
+        row.update(task=None, **{"class": None}, score=None, confidence=None, top_k=[], task_probs={},
                    error="the graphs produced NaN/Inf scores for this image")
     return row
 
@@ -96,14 +100,14 @@ class Output:
     """Rows to a file or stdout. Each row is one write, flushed; if a write fails (disk full) the file is cut back
     to its last whole row, so every line stays parseable, and OutputWriteError names the file and the problem."""
 
-    def __init__(self, path: Path | None, fmt: str, force: bool):
+    def __init__(self, path: Path | None, fmt: str, force: bool, append: bool = False):
         self.path, self.format, self.rows, self.fd = path, ROW_FORMATS[fmt](), 0, None
         self.regular = path is not None and (not path.exists() or path.is_file())
-        self.created, self.good = False, 0
+        self.created, self.good, self.append = False, 0, append and path is not None and path.is_file()
         if path is None:
             return
-        if self.regular and path.exists() and not force:
-            raise BuildExists(f"{path} exists; pass --force to overwrite it")
+        if self.regular and path.exists() and not (force or append):
+            raise BuildExists(f"{path} exists; pass --force to overwrite it or --resume to add the missing rows")
         if self.regular and path.exists() and not os.access(path, os.W_OK):
             raise OutputRefused(f"{path}: read-only; not overwritten")
         existed = path.exists()
@@ -116,8 +120,13 @@ class Output:
         self.created = not existed
 
     def start(self) -> None:
-        """The build loaded: truncate what --force replaces (not before, so a refused build leaves it) and head."""
-        if self.fd is not None and self.regular:
+        """The build loaded: truncate what --force replaces (not before, so a refused build leaves it) and head;
+        with --resume, carry on after the rows already there."""
+        if self.append:
+            self.good = os.lseek(self.fd, 0, os.SEEK_END)
+            if self.good:
+                return
+        elif self.fd is not None and self.regular:
             os.ftruncate(self.fd, 0)
         self._write(self.format.header())
 
@@ -156,6 +165,72 @@ class Output:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class ParquetOutput:
+    """Rows as a Parquet file (pyarrow), one row group per batch. Parquet has no append: --resume refuses it, and a
+    run killed before the end leaves a file without its footer, so the file is written beside and renamed at the end.
+    """
+
+    def __init__(self, path: Path, force: bool):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise OutputRefused(f"--output {path}: Parquet output needs pyarrow (pip install pyarrow)") from None
+        if path.exists() and not force:
+            raise BuildExists(f"{path} exists; pass --force to overwrite it")
+        self.path, self.rows, self.writer = path, 0, None
+        self.partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+    def start(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        text, number = pa.string(), pa.float64()
+        self.schema = pa.schema([(name, number if name in ("score", "confidence") else text) for name in COLUMNS])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = pq.ParquetWriter(str(self.partial), self.schema)
+
+    def write(self, rows) -> None:
+        import pyarrow as pa
+
+        rows = list(rows)
+        columns = {name: [strict_dumps(row[name], "row") if name in NESTED else row[name] for row in rows]
+                   for name in COLUMNS}
+        try:
+            self.writer.write_table(pa.table(columns, schema=self.schema))
+        except OSError as error:
+            raise OutputWriteError(f"{self.path}: writing failed after {self.rows} rows ({error})") from None
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            os.replace(self.partial, self.path)
+
+    def abandon(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        with contextlib.suppress(OSError):
+            self.partial.unlink()
+
+
+def open_output(path: Path | None, fmt: str, force: bool, append: bool):
+    if fmt == "parquet":
+        if append:
+            raise click.UsageError("--resume cannot add to a Parquet file; write JSONL or CSV to resume")
+        return ParquetOutput(path, force)
+    return Output(path, fmt, force, append)
+
+
+def output_format(fmt: str | None, output: Path | None) -> str:
+    """--format, else the output's extension (.csv, .parquet), else jsonl."""
+    if fmt:
+        return fmt
+    suffix = output.suffix.lower() if output else ""
+    return {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "jsonl")
 
 
 def refuse_output_over_inputs(output: Path, build_dir: Path, paths, items) -> None:
@@ -198,8 +273,17 @@ def exit_status(summary: dict) -> int:
               help="Write rows here (.jsonl or .csv by extension) instead of stdout. An existing file is refused "
               "unless --force; an output that is one of the images or inside the build is always refused.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file (only once the build has loaded).")
-@click.option("--format", "fmt", type=click.Choice(sorted(ROW_FORMATS)), default=None,
-              help="Row format. Default: from --output's extension, else jsonl.")
+@click.option("--format", "fmt", type=click.Choice(sorted([*ROW_FORMATS, "parquet"])), default=None,
+              help="Row format. Default: from --output's extension (.csv, .parquet), else jsonl. Parquet needs "
+              "pyarrow.")
+@click.option("--resume", is_flag=True, help="Add to an existing --output (JSONL or CSV): images that already have "
+              "a row are skipped, a row torn by a killed run is cut off first.")
+@click.option("--shard", default=None, metavar="I/N", help="Classify only shard I of N (1-based): a path's shard "
+              "depends on the path alone, so N machines or jobs with I = 1..N cover the inputs exactly once.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS", help="Run on Ray Data: 'local' starts a "
+              "local Ray cluster, an address (ray://host:10001, auto) joins one. Needs the [ray] extra.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Predictor actors (one loaded runtime each) with --ray.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--providers", default="cpu", show_default=True,
               help="Comma list in order of preference: cpu, cuda, cuda:N, tensorrt (ONNX Runtime providers).")
@@ -219,12 +303,15 @@ def exit_status(summary: dict) -> int:
               "(requires --output, so rows and summary never share stdout).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr. Default: when stderr is a "
               "terminal.")
-def run(paths, build_dir, output, force, fmt, batch_size, providers, strict_providers, top_k, old_top_k, threads,
-        cache_size, max_megapixels, as_json, progress):
+def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_workers, batch_size, providers,
+        strict_providers, top_k, old_top_k, threads, cache_size, max_megapixels, as_json, progress):
     """Classify images: route each to its task(s), then predict the class.
 
-    PATHS are image files or folders (searched recursively for .png .jpg .jpeg .bmp .gif .tif .tiff .webp).
-    One row per image, in order: path, task, class, score (the winning logit), top_k, task_set, error, warning.
+    PATHS are image files, folders (searched recursively for .png .jpg .jpeg .bmp .gif .tif .tiff .webp), glob
+    patterns ('photos/**/*.jpg'), @LIST (a file of paths, one a line) or - (paths on standard input).
+    One row per image, in order: path, task, class, score (the winning logit), confidence (softmax of the winning
+    head at that class), top_k, task_set, task_probs (the router's probability of each selected task), error,
+    warning.
     Each row is written whole and flushed. Rows go to stdout as JSONL unless --output is given; the summary
     (images, failed, images/s, per-task counts) goes to stderr, or to stdout as JSON with --json. File names
     that are not valid UTF-8 are written with their undecodable bytes as \\xNN (and a warning in the row).
@@ -248,47 +335,75 @@ def run(paths, build_dir, output, force, fmt, batch_size, providers, strict_prov
         top_k = old_top_k
     import onnxruntime
 
-    from mass_export.runtime import MassRuntime, expand_paths
+    from mass_export.core.manifest import read_manifest
+    from mass_export.runtime import MassRuntime
+    from mass_export.runtime.sources import done_paths, expand_arguments, parse_shard, pending
+    from mass_export.runtime.sources import shard as shard_items
 
-    fmt = fmt or ("csv" if output and output.suffix.lower() == ".csv" else "jsonl")
+    fmt = output_format(fmt, output)
     if as_json and output is None:
         raise click.UsageError("--json prints the summary on stdout: give --output for the rows")
+    if resume and (output is None or force):
+        raise click.UsageError("--resume adds to an existing --output: give --output, and not --force")
     onnxruntime.set_default_logger_severity(3)  # ORT's own fallback chatter; provider checks report it clearly
 
-    items = expand_paths(paths)
+    items = expand_arguments([os.fspath(p) for p in paths], sys.stdin)
+    if shard:
+        items = shard_items(items, *parse_shard(shard))
     started = time.perf_counter()
     regular = output is not None and (not output.exists() or output.is_file())
     with locked(output, what="being written") if regular else contextlib.nullcontext():
         if output is not None:
             refuse_output_over_inputs(output, build_dir, paths, items)
-        sink = Output(output, fmt, force)  # checked writable before minutes of loading, not after
+        skipped = 0
+        if resume:
+            before = len(items)
+            items = pending(items, done_paths(output, fmt))
+            skipped = before - len(items)
+        sink = open_output(output, fmt, force, resume)  # checked writable before minutes of loading, not after
         try:
             with locked(build_dir, shared=True, what="being rebuilt"), _warnings_as_lines():
-                runtime = MassRuntime.load(build_dir, providers=providers, strict_providers=strict_providers,
-                                           cache_size=cache_size, threads=threads)
-            runtime.max_pixels = int(max_megapixels * 1e6)
+                if ray_address:
+                    runtime = None
+                    manifest = read_manifest(build_dir)  # the integrity check before any worker starts
+                    tasks, active = manifest["tasks"], [f"ray:{ray_address} x{ray_workers}"]
+                else:
+                    runtime = MassRuntime.load(build_dir, providers=providers, strict_providers=strict_providers,
+                                               cache_size=cache_size, threads=threads)
+                    runtime.max_pixels = int(max_megapixels * 1e6)
+                    tasks, active = runtime.tasks, runtime.providers["encoder"]
             sink.start()
         except BaseException:
             sink.abandon()
             raise
-        summary = classify_all(runtime, items, sink, batch_size, top_k, progress)
+        if ray_address:
+            from mass_export.distributed.ray_job import classify_on_ray
+
+            rows = classify_on_ray(items, build_dir, ray_address, ray_workers, batch_size,
+                                   [p.strip() for p in providers.split(",")], threads, top_k)
+            batches = (list(itertools.islice(rows, batch_size)) for _ in itertools.count())
+            batches = itertools.takewhile(bool, batches)
+        else:
+            batches = runtime.classify_batches(items, batch_size, top_k)
+        summary = classify_all(batches, len(items), tasks, active, sink, progress)
         sink.close()
     summary.update(load_seconds=round(summary.pop("started") - started, 3), build=str(build_dir),
-                   output=str(output) if output else None, format=fmt)
+                   output=str(output) if output else None, format=fmt, skipped_done=skipped, shard=shard)
     report(summary, as_json)
     sys.exit(exit_status(summary))
 
 
-def classify_all(runtime, items, sink: Output, batch_size: int, top_k: int, progress) -> dict:
+def classify_all(batches, total: int, tasks: list[str], providers: list[str], sink, progress) -> dict:
+    """Write every batch's rows; the summary counts them (images, failures, per task)."""
     from tqdm import tqdm
 
     counts, failed, warned, done = Counter(), 0, 0, 0
     interrupted, output_error = False, None
-    bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=(not progress) if progress is not None
+    bar = tqdm(total=total, unit="img", file=sys.stderr, disable=(not progress) if progress is not None
                else None, desc="classifying")
     run_started = time.perf_counter()
     try:
-        for batch in runtime.classify_batches(items, batch_size, top_k):
+        for batch in batches:
             rows = [output_row(p) for p in batch]
             sink.write(rows)
             done += len(rows)
@@ -308,7 +423,7 @@ def classify_all(runtime, items, sink: Output, batch_size: int, top_k: int, prog
     return {"images": done, "classified": classified, "failed": failed, "warnings": warned,
             "rows_written": sink.rows, "seconds": round(seconds, 3),
             "images_per_s": round(classified / seconds, 2) if seconds > 0 else None, "started": run_started,
-            "per_task": {t: counts[t] for t in runtime.tasks}, "providers": runtime.providers["encoder"],
+            "per_task": {t: counts[t] for t in tasks}, "providers": providers,
             "interrupted": interrupted, "output_error": output_error}
 
 

