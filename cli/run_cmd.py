@@ -364,9 +364,12 @@ def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_wo
         try:
             with locked(build_dir, shared=True, what="being rebuilt"), _warnings_as_lines():
                 if ray_address:
+                    from mass_export.distributed.ray_job import connect
+
                     runtime = None
                     manifest = read_manifest(build_dir)  # the integrity check before any worker starts
                     tasks, active = manifest["tasks"], [f"ray:{ray_address} x{ray_workers}"]
+                    connect(ray_address, ray_workers)  # cluster start-up counts as loading, not classifying
                 else:
                     runtime = MassRuntime.load(build_dir, providers=providers, strict_providers=strict_providers,
                                                cache_size=cache_size, threads=threads)
