@@ -86,6 +86,17 @@ def _echo_json(data, what: str = "JSON output") -> None:
     click.echo(strict_dumps(data, what, indent=2, default=str))
 
 
+def image_files(paths, option: str) -> list[Path]:
+    """The image files PATHS name (folders searched as `run` searches them); a path naming none is refused."""
+    from mass_export.runtime.images import PathProblem, expand_paths
+
+    found = expand_paths(paths)
+    problems = [f"{item.path}: {item.error}" for item in found if isinstance(item, PathProblem)]
+    if problems:
+        raise click.BadParameter("; ".join(problems), param_hint=option)
+    return found
+
+
 def _click_option(option):
     """A click option for one mass_export.core.options.Option. Defaults stay None here, so that only options
     given on the command line override a --config file; the help shows the real default."""
@@ -164,9 +175,7 @@ def build(as_json, config_file, **given):
     from mass_export.pipeline.config import resolve
 
     given = take_deprecated(given)
-    images = []
-    for path in given.pop("validation_images", None) or ():
-        images += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    images = image_files(given.pop("validation_images", None) or (), "--validation-images")
     if images:
         given["validation_images"] = images
     with warnings.catch_warnings():
@@ -207,9 +216,7 @@ def validate(build_dir, atol, image_paths, report_path, as_json):
     if report_path is not None and is_within(report_path.resolve(), build_dir.resolve()):
         raise OutputRefused(f"--report {report_path}: inside the build directory {build_dir}, which validate never "
                             "modifies; choose a path outside it")
-    images = []
-    for path in image_paths:
-        images += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    images = image_files(image_paths, "--images")
     with locked(build_dir, shared=True, what="being rebuilt"):
         report = validate_build(build_dir, reference_from_build(build_dir), atol=atol, images=images)
     if report_path is not None:

@@ -65,14 +65,3 @@ def prefix_keys(visual: nn.Module, layer: int) -> list[str]:
 def run_with(module: nn.Module, weights: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
     """Run a RoutePrefix / FullTower with the given canonical weights instead of the module's own."""
     return functional_call(module, {f"visual.{k}": v for k, v in weights.items()}, (images,), strict=False)
-
-
-class WeightsAsInputs(nn.Module):
-    """Export wrapper: forward(pixel_values, *weights) with weights in ``keys`` order."""
-
-    def __init__(self, module: nn.Module, keys: list[str]):
-        super().__init__()
-        self.module, self.keys = module, list(keys)
-
-    def forward(self, pixel_values, *weights):
-        return run_with(self.module, dict(zip(self.keys, weights)), pixel_values)
