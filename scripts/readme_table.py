@@ -103,8 +103,9 @@ def render(reports: list[dict]) -> str:
              f"{info.get('seed', '?')}, routing block {first['routing_layer']}:", ""]
     lines += per_task_table(first)
     lines += ["", f"Zoo fingerprint: recipe `{info.get('recipe_hash', '?')[:16]}`, weights "
-              f"`{info.get('weights_hash', '?')[:16]}` (torch {info.get('versions', {}).get('torch', '?')}, built in "
-              f"{info.get('wall_time_s', float('nan')):.0f} s with {info.get('threads', '?')} thread)."]
+              f"`{info.get('weights_hash', '?')[:16]}` (torch {info.get('versions', {}).get('torch', '?')}; built with "
+              f"{info.get('threads', '?')} torch thread in {info.get('cpu_time_s', float('nan')):.0f} CPU seconds, "
+              f"{info.get('wall_time_s', float('nan')):.0f} s wall on a machine shared with other jobs)."]
     if len(reports) > 1:
         lines += ["", f"The same recipe with {len(reports)} seeds (a stand-in for machine-to-machine variation):", ""]
         lines += spread_table(reports, seeds)
