@@ -195,3 +195,57 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
 
     monkeypatch.setenv("MASS_EXPORT_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path
+
+
+def test_recipe_hash_covers_the_code_and_the_task_files(monkeypatch, tmp_path):
+    """A cache never serves a zoo made by other code or other dataset files (classes, templates, tint)."""
+    from mass_export.zoo import load_recipe, recipe_hash
+    from mass_export.zoo import recipe as recipe_module
+
+    resolved = load_recipe(TINY)
+    before = recipe_hash(resolved)
+    extra = tmp_path / "train_extra.py"
+    extra.write_text("x = 1\n")
+    monkeypatch.setattr(recipe_module, "ZOO_CODE", (*recipe_module.ZOO_CODE, str(extra)))
+    with_file = recipe_hash(resolved)
+    assert with_file != before
+    extra.write_text("x = 2\n")
+    assert recipe_hash(resolved) != with_file
+    monkeypatch.undo()
+    assert recipe_hash(resolved) == before
+    models = tmp_path / "models"
+    (models / "datasets").mkdir(parents=True)
+    for task in TINY["tasks"]:
+        (models / "datasets" / f"{task}.json").write_text(json.dumps(datasets.task_info(task)))
+    monkeypatch.setattr(recipe_module, "models_dir", lambda: models)
+    copy_hash = recipe_hash(resolved)
+    info = datasets.task_info("Digits")
+    info["templates"] = info["templates"][:1]
+    (models / "datasets" / "Digits.json").write_text(json.dumps(info))
+    assert recipe_hash(resolved) != copy_hash
+
+
+def test_tinted_variant_shows_its_source_in_colour():
+    from mass_export.zoo.datasets import source_task, tinted
+
+    variants = [t for t in TASKS if datasets.task_info(t).get("source")]
+    assert variants, "the default zoo's colour variants are registered as tasks"
+    for task in variants:
+        source = source_task(task)
+        tint = datasets.task_info(task)["tint"]
+        images, labels = load_split(task, "test")
+        grey, grey_labels = load_split(source, "test")
+        np.testing.assert_array_equal(labels, grey_labels)
+        np.testing.assert_array_equal(images, tinted(grey, tint["dark"], tint["light"]))
+        assert class_names(task) == class_names(source)
+    ramp = np.arange(256, dtype=np.uint8).reshape(1, 1, 256, 1).repeat(3, axis=-1)
+    out = tinted(ramp, [10, 20, 30], [250, 200, 100])
+    assert out[0, 0, 0].tolist() == [10, 20, 30] and out[0, 0, 255].tolist() == [250, 200, 100]
+
+
+def test_zoo_json_records_the_weights_hash(tiny_zoos):
+    from mass_export.zoo.train import weights_hash
+
+    a, b = tiny_zoos
+    assert a.info["weights_hash"] == b.info["weights_hash"] == weights_hash(a.root)
+    assert a.info["recipe_hash"] == b.info["recipe_hash"]

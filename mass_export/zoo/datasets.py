@@ -77,7 +77,21 @@ def num_classes(task: str) -> int:
 
 
 def available_tasks() -> list[str]:
-    return sorted(_LOADERS)
+    """Tasks with a loader, and variants: ``models/datasets/<task>.json`` naming a loader task as its ``source``."""
+    variants = {path.stem for path in (models_dir() / "datasets").glob("*.json")
+                if json.loads(path.read_text()).get("source") in _LOADERS}
+    return sorted(set(_LOADERS) | variants)
+
+
+def source_task(task: str) -> str:
+    """The loader task whose images a task shows (itself, or a variant's ``source``)."""
+    if task in _LOADERS:
+        return task
+    path = models_dir() / "datasets" / f"{task}.json"
+    source = json.loads(path.read_text()).get("source") if path.is_file() else None
+    if source not in _LOADERS:
+        raise MassExportError(f"unknown zoo task {task!r} (known: {', '.join(available_tasks())})")
+    return source
 
 
 def task_names(recipe=None) -> list[str]:
@@ -91,8 +105,7 @@ def task_names(recipe=None) -> list[str]:
 
 def load_split(task: str, split: str, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, size, size, 3), labels int64 (N,)) of one split of one task."""
-    if task not in _LOADERS:
-        raise MassExportError(f"unknown zoo task {task!r} (known: {', '.join(available_tasks())})")
+    source_task(task)  # a clear error for an unknown task
     if split not in SPLITS:
         raise MassExportError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     images, labels = _cached_split(task, split, int(size))
@@ -101,10 +114,13 @@ def load_split(task: str, split: str, size: int = DEFAULT_SIZE) -> tuple[np.ndar
 
 @functools.lru_cache(maxsize=32)
 def _cached_split(task: str, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = _LOADERS[task](split, size)
+    images, labels = _LOADERS[source_task(task)](split, size)
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if images.ndim == 3:
         images = np.repeat(images[..., None], 3, axis=-1)
+    tint = task_info(task).get("tint")
+    if tint:
+        images = tinted(images, tint["dark"], tint["light"])
     labels = np.asarray(labels, dtype=np.int64)
     assert images.shape[1:] == (size, size, 3) and len(images) == len(labels), (task, images.shape)
     images.setflags(write=False)
@@ -124,6 +140,17 @@ def _resize(gray_or_rgb: np.ndarray, size: int, nearest: bool = False) -> np.nda
     mode = Image.NEAREST if nearest else Image.BILINEAR
     out = [np.asarray(Image.fromarray(img).resize((size, size), mode)) for img in gray_or_rgb]
     return np.stack(out)
+
+
+def tinted(images: np.ndarray, dark, light) -> np.ndarray:
+    """Grey level v of each pixel (mean of the channels) shown as the colour dark + (light - dark) * v / 255.
+
+    A variant task's look (``"tint"`` in its JSON): tasks of the real benchmarks differ in colour and kind
+    (satellite photos, street-number photos, scans), which is what a data-free router tells them apart by.
+    """
+    grey = images.astype(np.float32).mean(axis=-1, keepdims=True) / 255.0
+    dark, light = np.asarray(dark, np.float32), np.asarray(light, np.float32)
+    return np.clip(np.round(dark + (light - dark) * grey), 0, 255).astype(np.uint8)
 
 
 def _index_splits(labels: np.ndarray, counts: dict[str, int], seed: int) -> dict[str, np.ndarray]:

@@ -29,8 +29,9 @@ from pathlib import Path
 from mass_export.core.errors import ConfigError
 from mass_export.core.catalog import models_dir
 
-# Bump when the training code changes what a recipe produces, so stale caches are not reused.
-ZOO_CODE_VERSION = 1
+# The code that turns a recipe into weights: its source is part of the cache key, so a cache never serves a zoo
+# made by older code (any edit, even a comment, costs one rebuild: cheaper than a stale zoo).
+ZOO_CODE = ("zoo/train.py", "zoo/datasets.py", "zoo/recipe.py", "merging/zeroshot.py")
 
 DEFAULTS = {
     "name": "custom",
@@ -90,7 +91,19 @@ def load_recipe(recipe=None) -> dict:
     return resolved
 
 
+def code_fingerprint(tasks=()) -> str:
+    """sha256 of the zoo's training and data-loading code and of the tasks' dataset files (classes, templates,
+    tint: models/datasets/<task>.json)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    files = [package / name for name in ZOO_CODE] + [models_dir() / "datasets" / f"{t}.json" for t in sorted(tasks)]
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>") + b"\0")
+    return digest.hexdigest()
+
+
 def recipe_hash(recipe: dict) -> str:
-    """sha256 of the resolved recipe (canonical JSON) and the zoo code version."""
-    payload = json.dumps({"recipe": recipe, "code": ZOO_CODE_VERSION}, sort_keys=True, separators=(",", ":"))
+    """sha256 of the resolved recipe (canonical JSON) and of the code that trains it (:func:`code_fingerprint`)."""
+    payload = json.dumps({"recipe": recipe, "code": code_fingerprint(recipe.get("tasks", ()))}, sort_keys=True,
+                         separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()

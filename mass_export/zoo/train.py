@@ -250,7 +250,7 @@ def _save(tensors: dict, path: Path):
 def _build_into(out: Path, recipe: dict, digest: str, progress: bool, base_cache=None) -> dict:
     from mass_export.merging.zeroshot import zero_shot_head
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     seed = int(recipe["seed"])
     torch.manual_seed(seed)
     config = recipe["model_config"]
@@ -299,12 +299,16 @@ def _build_into(out: Path, recipe: dict, digest: str, progress: bool, base_cache
         "format": "mass-export-zoo/1",
         "recipe": recipe,
         "recipe_hash": digest,
+        # What was trained: another machine's float rounding trains slightly different weights (another hash).
+        "weights_hash": weights_hash(out),
         "tasks": list(recipe["tasks"]),
         "seed": seed,
         # The block the recipe study found best for routing this zoo (pass it as the build's routing layer).
         "routing_layer": recipe.get("routing_layer"),
         "threads": torch.get_num_threads(),
         "wall_time_s": round(wall, 2),
+        # CPU seconds of this process: ~ the wall time on an idle machine with 1 thread, whatever else runs here.
+        "cpu_time_s": round(time.process_time() - cpu_start, 2),
         "pretrain_time_s": round(base_seconds, 2),
         "pretrain_final_loss": losses["pretrain"][-1],
         "accuracy": results,
@@ -312,6 +316,16 @@ def _build_into(out: Path, recipe: dict, digest: str, progress: bool, base_cache
     }
     (out / "zoo.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def weights_hash(root: Path) -> str:
+    """sha256 over the zoo's safetensors files (relative path and bytes, in sorted order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*.safetensors")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _open_clip_version() -> str:
