@@ -49,6 +49,13 @@ def _warnings_as_lines():
         warnings.showwarning = previous
 
 
+def _runtime_counters(runtime) -> dict:
+    """The task-set cache's counters and the second pass's choices, for the summary."""
+    stats = runtime.stats()
+    cache = {k: v for k, v in stats["cache"].items() if k not in ("keys", "max_entries")}
+    return {"cache": cache, "second_pass": stats["second_pass"]["choices"]}
+
+
 @click.command("run")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--build", "build_dir", required=True, type=click.Path(path_type=Path), help="Build directory.")
@@ -64,14 +71,19 @@ def _warnings_as_lines():
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes listed per image (of the winning head).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per graph.")
-@click.option("--cache-size", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Task sets whose weights stay prepared.")
+@click.option("--cache-size", type=click.IntRange(min=0), default=None,
+              help="At most this many prepared task sets (default: as many as --cache-bytes holds).")
+@click.option("--cache-bytes", type=click.IntRange(min=0), default=None,
+              help="Memory for prepared task sets, in bytes (default: a quarter of available memory, at most 8 GiB).")
+@click.option("--window", type=click.IntRange(min=1), default=None,
+              help="Images routed before their second passes, grouped across the window by task set "
+              "(default: 8 batches; --window equal to --batch-size runs batch by batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout "
               "(requires --output, so rows and summary never share stdout).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr. Default: when stderr is a "
               "terminal.")
 def run(paths, build_dir, output, fmt, batch_size, providers, strict_providers, top_k, threads, cache_size,
-        as_json, progress):
+        cache_bytes, window, as_json, progress):
     """Classify images: route each to its task(s), then predict the class.
 
     PATHS are image files or folders (searched recursively for .png .jpg .jpeg .bmp .gif .tif .tiff .webp).
@@ -97,7 +109,7 @@ def run(paths, build_dir, output, fmt, batch_size, providers, strict_providers, 
     try:
         with _warnings_as_lines():
             runtime = MassRuntime.load(build_dir, providers=providers, strict_providers=strict_providers,
-                                       cache_size=cache_size, threads=threads)
+                                       cache_size=cache_size, cache_bytes=cache_bytes, threads=threads)
     except MassExportError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
@@ -112,7 +124,7 @@ def run(paths, build_dir, output, fmt, batch_size, providers, strict_providers, 
                    else None, desc="classifying")
         run_started = time.perf_counter()
         try:
-            for batch in runtime.classify_batches(items, batch_size, top_k):
+            for batch in runtime.classify_batches(items, batch_size, top_k, window=window):
                 writer.write(p.to_row() for p in batch)
                 done += len(batch)
                 failed += sum(not p.ok for p in batch)
@@ -130,7 +142,7 @@ def run(paths, build_dir, output, fmt, batch_size, providers, strict_providers, 
         "seconds": round(seconds, 3), "images_per_s": round(classified / seconds, 2) if seconds > 0 else None,
         "load_seconds": round(run_started - started, 3), "per_task": {t: counts[t] for t in runtime.tasks},
         "providers": runtime.providers["encoder"], "build": str(build_dir), "output": str(output) if output else None,
-        "interrupted": interrupted,
+        "interrupted": interrupted, **_runtime_counters(runtime),
     }
     if as_json:
         click.echo(json.dumps(summary))
@@ -139,5 +151,8 @@ def run(paths, build_dir, output, fmt, batch_size, providers, strict_providers, 
         click.echo(f"{summary['images']} images: {classified} classified, {failed} failed, {warned} with warnings; "
                    f"{summary['images_per_s']} images/s on {', '.join(summary['providers'])}"
                    + (" (interrupted)" if interrupted else ""), err=True)
+        cache = summary["cache"]
+        click.echo(f"task sets: {cache['hits']} cache hits, {cache['misses']} misses, {cache['preparations']} "
+                   f"prepared in {cache['prepare_seconds']:.2f} s; second passes {summary['second_pass']}", err=True)
         click.echo(f"per task: {per_task}", err=True)
     sys.exit(130 if interrupted else 1 if failed else 0)

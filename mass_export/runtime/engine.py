@@ -158,6 +158,25 @@ class MassRuntime:
         """The providers actually running each graph."""
         return {name: list(runner.providers) for name, runner in self.runners.items()}
 
+    @property
+    def encoder_keys(self) -> list[str]:
+        """The dense encoder graph's weight inputs."""
+        return list(self._encoder_keys)
+
+    @property
+    def has_lowrank(self) -> bool:
+        return "lowrank" in self.runners
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the router tap's feature (the first pass's output)."""
+        return int(self.stored.factors[f"transformer.resblocks.{self.routing_layer}.mlp.c_fc.weight"]["V"].shape[-1])
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the image features (the second pass's output)."""
+        return int(self.manifest["model"]["config"]["embed_dim"])
+
     def task_indices(self, task_set) -> tuple[int, ...]:
         """A task set (names or indices) as ascending task indices."""
         indices = sorted({self.tasks.index(t) if isinstance(t, str) else int(t) for t in task_set})
