@@ -160,24 +160,25 @@ def stage_calls(runtime, pixels: np.ndarray) -> dict:
 
 
 def preparation_calls(runtime, seed: int = 0) -> dict:
-    """Preparing one task set of each size from the stored factors (dense weights; the low-rank factors
-    alone), uncached, a new random set every call."""
-    from mass_export.core.taskweights import task_set_weights
-
+    """Preparing one task set of each size from the stored factors, uncached, a new random set every call:
+    dense weights (factors, then the products) and the low-rank factors alone, as the runtime prepares them."""
     rng = np.random.default_rng(seed)
+
+    def draw(size):
+        return tuple(sorted(rng.choice(runtime.num_tasks, size, replace=False).tolist()))
+
+    def timed(prepare, size):
+        def call():
+            task_set = draw(size)
+            with runtime.preparation_threads():
+                return prepare(task_set)
+        return call
+
     out = {}
     for size in range(1, min(3, runtime.num_tasks) + 1):
-        def dense(size=size):
-            task_set = tuple(sorted(rng.choice(runtime.num_tasks, size, replace=False).tolist()))
-            return task_set_weights(runtime.stored, task_set, keys=runtime.encoder_keys)
-
-        out[f"prepare_dense.size{size}"] = dense
+        out[f"prepare_dense.size{size}"] = timed(lambda t: runtime.prepare_task_set(t, reuse_factors=False), size)
         if runtime.has_lowrank:
-            def factors(size=size):
-                task_set = tuple(sorted(rng.choice(runtime.num_tasks, size, replace=False).tolist()))
-                return runtime.prepare_factors(task_set)
-
-            out[f"prepare_lowrank.size{size}"] = factors
+            out[f"prepare_lowrank.size{size}"] = timed(runtime.prepare_factors, size)
     return out
 
 

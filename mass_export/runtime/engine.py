@@ -11,6 +11,7 @@ factors (no preparation of dense weights; the activations pay R(m + n) per token
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from safetensors.numpy import load_file
+from threadpoolctl import ThreadpoolController
 
 from mass_export.core.errors import BuildIntegrityError, ConfigError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
@@ -78,7 +80,7 @@ class MassRuntime:
     def __init__(self, root: Path, manifest: dict, stored: StoredTasks, heads: np.ndarray,
                  classes: dict[str, list[str]], runners: dict[str, Runner], cache_size: int | None = None,
                  loader_threads: int | None = None, cache_bytes: int | None = None, second_pass: str = "auto",
-                 calibrate: bool = True):
+                 calibrate: bool = True, prepare_threads: int | None = 1):
         self.root, self.manifest, self.stored, self.runners = root, manifest, stored, runners
         self.tasks: list[str] = list(manifest["tasks"])
         self.classes = classes
@@ -115,6 +117,10 @@ class MassRuntime:
         self._heads_inputs = runners["heads"].upload({"heads": heads})
         if "lowrank" in runners:  # theta_pre for the linear weights, uploaded once
             self._lowrank_base = runners["lowrank"].upload({k: stored.pretrained[k] for k in self._linear_keys})
+        # numpy's BLAS threads while a task set is prepared. One by default: a multi-threaded BLAS spinning beside
+        # ONNX Runtime's own threads on the same cores ran preparation 5-8x slower on a busy 2-core machine.
+        self.prepare_threads = prepare_threads
+        self._blas = ThreadpoolController() if prepare_threads else None
         # One cache for both kinds of prepared state, keyed ("dense", S) / ("factors", S).
         self.cache = TaskSetCache(self._prepare_entry, cache_bytes, cache_size)
         self.planner = SecondPassPlanner(second_pass, lowrank_available="lowrank" in runners)
@@ -124,7 +130,8 @@ class MassRuntime:
     @classmethod
     def load(cls, build_dir, providers=("cpu",), strict_providers: bool = False, cache_size: int | None = None,
              threads: int | None = None, backend: str = "onnxruntime", loader_threads: int | None = None,
-             cache_bytes: int | None = None, second_pass: str = "auto", calibrate: bool = True) -> "MassRuntime":
+             cache_bytes: int | None = None, second_pass: str = "auto", calibrate: bool = True,
+             prepare_threads: int | None = 1) -> "MassRuntime":
         """Open a build directory (every file's sha256 is checked against the manifest first).
 
         providers: ``cpu``, ``cuda``, ``cuda:1``, ``tensorrt`` (ONNX Runtime execution providers, in order of
@@ -133,6 +140,7 @@ class MassRuntime:
         ``runtime.taskcache``); cache_size: also at most this many entries. threads: intra-op threads per graph.
         second_pass: ``auto`` (the planner chooses per group, see ``runtime.planner``), ``dense`` or ``lowrank``.
         calibrate: measure the planner's costs now (``auto`` only) rather than densifying until measured.
+        prepare_threads: numpy BLAS threads while preparing a task set (None: the library's default).
         """
         root = Path(build_dir)
         manifest = read_manifest(root, verify=True)
@@ -151,7 +159,7 @@ class MassRuntime:
         active = [p for p in runners["encoder"].providers if all(p in r.providers for r in runners.values())]
         check_providers(runners["encoder"].requested, active, strict_providers, str(root))
         return cls(root, manifest, stored, heads, classes, runners, cache_size, loader_threads, cache_bytes,
-                   second_pass, calibrate)
+                   second_pass, calibrate, prepare_threads)
 
     @property
     def providers(self) -> dict[str, list[str]]:
@@ -191,11 +199,12 @@ class MassRuntime:
         theta(S) for the other keys. A public hook: subclass to observe or pace preparation."""
         return low_rank_inputs(self.stored, task_set, self._encoder_keys, self._linear_keys)
 
-    def prepare_task_set(self, task_set: tuple[int, ...]) -> dict:
-        """Dense theta(S) for the encoder graph (host arrays). A public hook: subclass to observe or pace it."""
+    def prepare_task_set(self, task_set: tuple[int, ...], reuse_factors: bool = True) -> dict:
+        """Dense theta(S) for the encoder graph (host arrays), from S's cached low-rank factors when there are
+        some (``reuse_factors``). A public hook: subclass to observe or pace it."""
         if not self._linear_keys:  # a build without the low-rank graph
             return task_set_weights(self.stored, task_set, keys=self._encoder_keys)
-        ready = self.cache.lookup(("factors", task_set))
+        ready = self.cache.lookup(("factors", task_set)) if reuse_factors else None
         inputs = ready["host"] if ready else self.prepare_factors(task_set)
         started = time.perf_counter()
         weights = dense_from_low_rank(self.stored, inputs, self._linear_keys)
@@ -204,6 +213,16 @@ class MassRuntime:
 
     def _prepare_entry(self, key) -> dict:
         """Cache entries hold host arrays and what the runner uploaded from them (the same arrays on CPU)."""
+        with self.preparation_threads():
+            return self._prepare_entry_now(key)
+
+    def preparation_threads(self):
+        """Context in which numpy's BLAS uses ``prepare_threads`` threads (as every preparation here does)."""
+        if self._blas is None:
+            return contextlib.nullcontext()
+        return self._blas.limit(limits=self.prepare_threads, user_api="blas")
+
+    def _prepare_entry_now(self, key) -> dict:
         kind, task_set = key
         if kind == "factors":
             host = self.prepare_factors(task_set)
