@@ -328,10 +328,14 @@ def test_run_command(tiny_build, images, tmp_path):
     assert "1 failed" in result.stderr
 
     out = tmp_path / "preds.csv"
-    result = runner.invoke(main, ["run", *map(str, images[:3]), "--build", str(tiny_build), "-o", str(out), "--json"])
+    result = runner.invoke(main, ["run", *map(str, images[:3]), "--build", str(tiny_build), "-o", str(out), "--json",
+                                  "--window", "3", "--batch-size", "2", "--cache-bytes", str(64 << 20)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["classified"] == 3 and summary["failed"] == 0 and sum(summary["per_task"].values()) == 3
+    cache = summary["cache"]
+    assert cache["capacity_bytes"] == 64 << 20 and cache["misses"] >= 1 and cache["bytes"] <= 64 << 20
+    assert cache["preparations"] >= 1 and cache["prepare_seconds"] > 0 and sum(summary["second_pass"].values()) >= 2
     lines = out.read_text().splitlines()
     assert lines[0] == "path,task,class,score,top_k,task_set,error,warning" and len(lines) == 4
 
