@@ -105,11 +105,16 @@ class MassRuntime:
             expected = {name for key in self._linear_keys for name in (f"{key}.A", f"{key}.B")}
             _check(expected <= set(runners["lowrank"].input_names), root, "graphs/lowrank.onnx lacks factor inputs")
 
+        # numpy's BLAS threads while a task set is prepared. One by default: a multi-threaded BLAS spinning beside
+        # ONNX Runtime's own threads on the same cores ran preparation 5-8x slower on a busy 2-core machine.
+        self.prepare_threads = prepare_threads
+        self._blas = ThreadpoolController() if prepare_threads else None
         # theta_MT is prepared (and on a GPU uploaded) once; task sets' weights go through the cache.
         if method.get("router_on", "merged") == "pretrained":
             theta_mt = {k: stored.pretrained[k] for k in prefix_keys}
         else:
-            theta_mt = task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True)
+            with self.preparation_threads():
+                theta_mt = task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True)
         self._prefix_inputs = runners["prefix"].upload(theta_mt)
         basis = stored.factors[f"transformer.resblocks.{self.routing_layer}.mlp.c_fc.weight"]["V"]
         basis = basis.astype(np.float32)  # fp16 builds store it half
@@ -117,10 +122,6 @@ class MassRuntime:
         self._heads_inputs = runners["heads"].upload({"heads": heads})
         if "lowrank" in runners:  # theta_pre for the linear weights, uploaded once
             self._lowrank_base = runners["lowrank"].upload({k: stored.pretrained[k] for k in self._linear_keys})
-        # numpy's BLAS threads while a task set is prepared. One by default: a multi-threaded BLAS spinning beside
-        # ONNX Runtime's own threads on the same cores ran preparation 5-8x slower on a busy 2-core machine.
-        self.prepare_threads = prepare_threads
-        self._blas = ThreadpoolController() if prepare_threads else None
         # One cache for both kinds of prepared state, keyed ("dense", S) / ("factors", S).
         self.cache = TaskSetCache(self._prepare_entry, cache_bytes, cache_size)
         self.planner = SecondPassPlanner(second_pass, lowrank_available="lowrank" in runners)
