@@ -395,7 +395,7 @@ def to_table(report: dict) -> str:
              f"{'stream':<12}{'phase':<8}{'batch':>5}  {'variant':<30}{'img/s':>9}{'p50 ms':>10}{'p99 ms':>10}"
              f"{'x plain thr.':>13}{'sets/batch':>11}{'miss':>6}"]
     for row in report["results"]:
-        lines.append(f"{row['stream'][-12:]:<12}{row['phase']:<8}{row['batch']:>5}  {row['variant']:<30}"
+        lines.append(f"{row['stream'][-11:]:<12}{row['phase']:<8}{row['batch']:>5}  {row['variant']:<30}"
                      f"{row['images_per_s']:>9.2f}{row['p50_ms']:>10.1f}{row['p99_ms']:>10.1f}"
                      f"{row['throughput_ratio_to_plain']:>13.3f}{row.get('task_sets_per_batch', ''):>11}"
                      f"{row.get('misses', ''):>6}")
