@@ -6,6 +6,7 @@ ratio to the plain pass of the same run. Torch variants import torch lazily and 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -333,6 +334,7 @@ def run_bench(build_dir, batch_sizes=(1, 16), warmup: int = 2, iterations: int =
             for stream_name in streams:
                 rows += bench_stream_with_extras(build_dir, stream_name, batch, pixels, plain_runner, warmup,
                                                  iterations, load, threads, with_torch, seed, progress)
+                gc.collect()  # one stream's runtime (a real-size tower and its cache) is gone before the next
     for row in rows:
         if row["variant"] in ("plain_pass", "mass_onnx"):
             macs = macs_full if row["variant"] == "plain_pass" else macs_prefix + macs_full
