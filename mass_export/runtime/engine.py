@@ -234,6 +234,8 @@ class MassRuntime:
 
     def warm(self, task_sets, form: str = "dense") -> None:
         """Prepare these task sets now (dense weights, or ``form="lowrank"``: their factors)."""
+        if form not in ("dense", "lowrank") or (form == "lowrank" and not self.has_lowrank):
+            raise ValueError(f"warm form {form!r}: choose dense" + (" or lowrank" if self.has_lowrank else ""))
         for task_set in task_sets:
             self.cache.get(("dense" if form == "dense" else "factors", self.task_indices(task_set)))
 
