@@ -19,15 +19,25 @@ from mass_export.core.jsonout import strict_dumps
               "(naive, and early exit with cached task-set weights).")
 @click.option("--peak-tflops", type=float, default=None, help="Device peak for model FLOPs utilisation "
               "(default: from a table of known GPUs).")
+@click.option("--stream", "streams", default="homogeneous,mixed", show_default=True,
+              help="Comma list of streams: homogeneous (the same photos every batch, routed), mixed (task sets "
+              "drawn per image: own task uniform, 1/2/3 tasks with p 0.28/0.63/0.09, partners uniform; seeded), "
+              "or a folder / image file list (real images in order, routed).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mixed stream's draws.")
+@click.option("--cache-bytes", type=click.IntRange(min=0), default=None,
+              help="Task-set cache budget of each runtime (default: from available memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the result rows as CSV.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the JSON report to this file.")
-def bench(build_dir, batch_sizes, warmup, iterations, providers, threads, with_torch, peak_tflops, as_json,
-          csv_path, output):
-    """Time one plain encoder pass, the exported two-pass MASS runtime (per stage too) and the torch reference,
-    interleaved on the same inputs; report images/s, p50/p90/p99 latency and ratios to the plain pass."""
+def bench(build_dir, batch_sizes, warmup, iterations, providers, threads, with_torch, peak_tflops, streams, seed,
+          cache_bytes, as_json, csv_path, output):
+    """Time one plain encoder pass and the exported two-pass MASS runtime on each stream (the homogeneous one
+    also per stage, preparing one task set, and the torch reference), interleaved round by round; report
+    images/s, p50/p90/p99 latency, ratios to the plain pass, task sets per batch and cache counters. Each stream
+    starts from a freshly loaded runtime: the warm-up rounds are reported as ``cold``, the timed ones as
+    ``steady``."""
     from mass_export.evaluation.bench import run_bench, to_csv, to_table, write_report
 
     if build_dir is None:
@@ -36,7 +46,8 @@ def bench(build_dir, batch_sizes, warmup, iterations, providers, threads, with_t
         build_dir = default_build()
     report = run_bench(build_dir, [int(b) for b in batch_sizes.split(",")], warmup, iterations,
                        [p.strip() for p in providers.split(",")], threads, with_torch, peak_tflops,
-                       progress=not as_json)
+                       progress=not as_json, streams=[s.strip() for s in streams.split(",") if s.strip()], seed=seed,
+                       cache_bytes=cache_bytes)
     if output:
         write_report(report, output)
     if csv_path:

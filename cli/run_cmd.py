@@ -256,6 +256,16 @@ def _warnings_as_lines():
         warnings.showwarning = previous
 
 
+def _runtime_counters(runtime) -> dict:
+    """The task-set cache's counters and the second pass's choices, for the summary (none with --ray: each
+    worker keeps its own)."""
+    if runtime is None:
+        return {"cache": None, "second_pass": None}
+    stats = runtime.stats()
+    cache = {k: v for k, v in stats["cache"].items() if k not in ("keys", "max_entries")}
+    return {"cache": cache, "second_pass": stats["second_pass"]["choices"]}
+
+
 def exit_status(summary: dict) -> int:
     if summary["interrupted"]:
         return EXIT_INTERRUPTED
@@ -294,8 +304,13 @@ def exit_status(summary: dict) -> int:
 @click.option("--top-k", "old_top_k", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated spelling of --top-classes.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per graph.")
-@click.option("--cache-size", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Task sets whose weights stay prepared.")
+@click.option("--cache-size", type=click.IntRange(min=0), default=None,
+              help="At most this many prepared task sets (default: as many as --cache-bytes holds).")
+@click.option("--cache-bytes", type=click.IntRange(min=0), default=None,
+              help="Memory for prepared task sets, in bytes (default: a quarter of available memory, at most 8 GiB).")
+@click.option("--window", type=click.IntRange(min=1), default=None,
+              help="Images routed before their second passes, grouped across the window by task set "
+              "(default: 8 batches; --window equal to --batch-size runs batch by batch).")
 @click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Refuse (as that image's error) a file that decodes to more pixels than this: small files can "
               "decode to gigabytes.")
@@ -304,7 +319,8 @@ def exit_status(summary: dict) -> int:
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr. Default: when stderr is a "
               "terminal.")
 def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_workers, batch_size, providers,
-        strict_providers, top_k, old_top_k, threads, cache_size, max_megapixels, as_json, progress):
+        strict_providers, top_k, old_top_k, threads, cache_size, cache_bytes, window, max_megapixels, as_json,
+        progress):
     """Classify images: route each to its task(s), then predict the class.
 
     PATHS are image files, folders (searched recursively for .png .jpg .jpeg .bmp .gif .tif .tiff .webp), glob
@@ -372,7 +388,7 @@ def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_wo
                     connect(ray_address, ray_workers)  # cluster start-up counts as loading, not classifying
                 else:
                     runtime = MassRuntime.load(build_dir, providers=providers, strict_providers=strict_providers,
-                                               cache_size=cache_size, threads=threads)
+                                               cache_size=cache_size, cache_bytes=cache_bytes, threads=threads)
                     runtime.max_pixels = int(max_megapixels * 1e6)
                     tasks, active = runtime.tasks, runtime.providers["encoder"]
             sink.start()
@@ -387,8 +403,9 @@ def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_wo
             batches = (list(itertools.islice(rows, batch_size)) for _ in itertools.count())
             batches = itertools.takewhile(bool, batches)
         else:
-            batches = runtime.classify_batches(items, batch_size, top_k)
+            batches = runtime.classify_batches(items, batch_size, top_k, window=window)
         summary = classify_all(batches, len(items), tasks, active, sink, progress)
+        summary.update(_runtime_counters(runtime))
         sink.close()
     summary.update(load_seconds=round(summary.pop("started") - started, 3), build=str(build_dir),
                    output=str(output) if output else None, format=fmt, skipped_done=skipped, shard=shard)
@@ -441,3 +458,7 @@ def report(summary: dict, as_json: bool) -> None:
                + (f"; output incomplete: {summary['rows_written']} rows written" if summary["output_error"] else ""),
                err=True)
     click.echo(f"per task: {per_task}", err=True)
+    if summary.get("cache"):
+        cache = summary["cache"]
+        click.echo(f"task sets: {cache['hits']} cache hits, {cache['misses']} misses, {cache['preparations']} "
+                   f"prepared in {cache['prepare_seconds']:.2f} s; second passes {summary['second_pass']}", err=True)

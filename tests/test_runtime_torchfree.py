@@ -15,7 +15,8 @@ import pytest
 from _tinybuild import make_tiny_build, sample_images
 
 REPO = Path(__file__).resolve().parents[1]
-RUNTIME_DEPS = ["numpy", "onnxruntime", "protobuf", "pillow", "safetensors", "click", "tqdm"]  # pyproject's dependencies
+RUNTIME_DEPS = ["numpy", "onnxruntime", "protobuf", "pillow", "safetensors", "click", "tqdm",
+                "threadpoolctl"]  # pyproject's dependencies
 HEAVY = ("torch", "torchvision", "open_clip", "onnx", "onnxscript")
 
 

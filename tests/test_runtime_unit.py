@@ -19,7 +19,7 @@ from PIL import Image
 
 from _tinybuild import make_tiny_build, sample_images
 from mass_export.core.errors import BuildIntegrityError, ConfigError, ProviderError
-from mass_export.runtime import LRUCache, MassRuntime, OrtRunner, PathProblem, Preprocessor, expand_paths, load_image
+from mass_export.runtime import MassRuntime, TaskSetCache, OrtRunner, PathProblem, Preprocessor, expand_paths, load_image
 from mass_export.runtime.backends import make_runner
 from mass_export.runtime.images import as_image
 
@@ -206,18 +206,21 @@ def test_provider_names_and_backends():
 
 # --- cache ----------------------------------------------------------------------------------------------------
 
-def test_lru_cache_is_bounded():
+def test_task_set_cache_is_bounded_in_bytes():
     made = []
-    cache = LRUCache(2, lambda key: made.append(key) or key)
-    for key in [(0,), (1,), (0,), (2,), (1,)]:
-        assert cache.get(key) == key
-    assert made == [(0,), (1,), (2,), (1,)]  # (1,) was evicted by (2,) after (0,) was used again
-    assert list(cache.entries) == [(2,), (1,)] and cache.info()["hits"] == 1
-    uncached = LRUCache(0, lambda key: key)
-    uncached.get((0,))
-    assert len(uncached.entries) == 0
+    cache = TaskSetCache(lambda key: made.append(key) or np.zeros(key[0], np.uint8), capacity_bytes=250)
+    for key in [(100,), (101,), (100,), (102,), (101,)]:
+        assert cache.get(key).nbytes == key[0]
+    assert made == [(100,), (101,), (102,), (101,)]  # (101,) was evicted by (102,) after (100,) was used again
+    info = cache.info()
+    assert info["keys"] == [(102,), (101,)] and info["hits"] == 1 and info["misses"] == 4
+    assert info["bytes"] == 203 <= info["capacity_bytes"] and info["evictions"] == 2 and info["preparations"] == 4
+    assert cache.get((300,)).nbytes == 300 and cache.info()["uncached"] == 1  # larger than the budget: not kept
+    counted = TaskSetCache(lambda key: np.zeros(1), capacity_bytes=1 << 20, max_entries=0)
+    counted.get((0,))
+    assert counted.info()["entries"] == 0
     with pytest.raises(ConfigError):
-        LRUCache(-1, lambda key: key)
+        TaskSetCache(lambda key: key, capacity_bytes=-1)
 
 
 # --- the build directory --------------------------------------------------------------------------------------
@@ -276,14 +279,16 @@ def test_runtime_equals_the_torch_reference(runtime, tiny_build, images):
 
 
 def test_predictions_are_complete_and_grouped(runtime, images):
-    calls = []
-    encoder = runtime.runners["encoder"]
-    original = encoder.run
-    encoder.run = lambda feeds, keep=(): calls.append(len(feeds["pixel_values"])) or original(feeds, keep)
+    calls, originals = [], {}
+    for name in ("encoder", "lowrank"):  # the planner picks one of the two exact forms per group
+        runner = originals[name] = runtime.runners[name]
+        runner.run = (lambda original: lambda feeds, keep=(): calls.append(len(feeds["pixel_values"]))
+                      or original(feeds, keep))(runner.run)
     try:
         predictions = runtime.classify(images, batch_size=len(images), top_k=3)
     finally:
-        encoder.run = original
+        for runner in originals.values():
+            del runner.run
     sets = {p.task_set for p in predictions}
     assert len(calls) == len(sets) and sum(calls) == len(images)  # one second pass per task set in the batch
     for p, path in zip(predictions, images):
@@ -291,7 +296,7 @@ def test_predictions_are_complete_and_grouped(runtime, images):
         assert len(p.top_k) == min(3, len(runtime.classes[p.task]))
         assert p.top_k[0] == (p.class_name, p.score) and p.class_name == runtime.classes[p.task][p.class_index]
         assert abs(sum(p.probs.values()) - 1) < 1e-5 and set(p.probs) == set(runtime.tasks)
-    assert runtime.cache.info()["size"] <= 2
+    assert runtime.cache.info()["entries"] <= 2
 
 
 def test_mixed_inputs_keep_order_and_failures(runtime, images, tmp_path):
@@ -323,10 +328,14 @@ def test_run_command(tiny_build, images, tmp_path):
     assert "1 failed" in result.stderr
 
     out = tmp_path / "preds.csv"
-    result = runner.invoke(main, ["run", *map(str, images[:3]), "--build", str(tiny_build), "-o", str(out), "--json"])
+    result = runner.invoke(main, ["run", *map(str, images[:3]), "--build", str(tiny_build), "-o", str(out), "--json",
+                                  "--window", "3", "--batch-size", "2", "--cache-bytes", str(64 << 20)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["classified"] == 3 and summary["failed"] == 0 and sum(summary["per_task"].values()) == 3
+    cache = summary["cache"]
+    assert cache["capacity_bytes"] == 64 << 20 and cache["misses"] >= 1 and cache["bytes"] <= 64 << 20
+    assert cache["preparations"] >= 1 and cache["prepare_seconds"] > 0 and sum(summary["second_pass"].values()) >= 2
     lines = out.read_text().splitlines()
     assert lines[0] == "path,task,class,score,top_k,task_set,error,warning" and len(lines) == 4
 

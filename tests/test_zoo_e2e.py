@@ -62,13 +62,27 @@ def test_eval_json_has_every_method_and_the_runtime_agrees(zoo_build):
 
 def test_bench_json_structure(zoo_build, tmp_path):
     report = json.loads(invoke("bench", "--build", zoo_build["build"], "--batch-sizes", "1,4", "--warmup", 1,
-                               "--iterations", 2, "--threads", 1, "--csv", tmp_path / "b.csv", "--json").stdout)
+                               "--iterations", 2, "--threads", 1, "--csv", tmp_path / "b.csv",
+                               "--stream", f"homogeneous,mixed,{zoo_build['images'][0].parents[2]}",
+                               "--json").stdout)
     variants = {row["variant"] for row in report["results"]}
     assert {"plain_pass", "mass_onnx", "mass_onnx.first_pass", "mass_onnx.router", "mass_onnx.second_pass",
-            "mass_onnx.heads", "torch_naive", "torch_early_exit_cached"} <= variants
+            "mass_onnx.heads", "torch_naive", "torch_early_exit_cached", "prepare_dense.size1"} <= variants
     for row in report["results"]:
         assert row["images_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"] and row["time_ratio_to_plain"] > 0
+    streams = {row["stream"] for row in report["results"]}
+    assert len(streams) == 3 and {"homogeneous", "mixed"} <= streams
+    mass = [row for row in report["results"] if row["variant"] == "mass_onnx"]
+    assert {(row["stream"], row["phase"], row["batch"]) for row in mass} == {
+        (stream, phase, batch) for stream in streams for phase in ("cold", "steady") for batch in (1, 4)}
+    for row in mass:
+        assert row["throughput_ratio_to_plain"] > 0 and 1 <= row["task_sets_per_batch"] <= row["batch"]
+        assert row["hits"] + row["misses"] >= 1 and row["preparations"] <= row["misses"]
+        assert sum(row["second_pass_groups"].values()) >= 1
+    cold_mixed = next(r for r in mass if r["stream"] == "mixed" and r["phase"] == "cold" and r["batch"] == 4)
+    assert cold_mixed["misses"] >= 1  # nothing was warmed before the stream began
+    assert report["mixed_distribution"]["set_size"] == {"1": 0.28, "2": 0.63, "3": 0.09}
     assert report["providers_active"]["encoder"] == ["CPUExecutionProvider"]
     assert report["storage"]["factor_of_tower"]["total"] > 1
     assert report["runtime_memory"]["peak_rss_mib"] > 0 and report["runtime_memory"]["torch_imported"] is False
-    assert (tmp_path / "b.csv").read_text().startswith("batch,variant,images_per_s")
+    assert (tmp_path / "b.csv").read_text().startswith("stream,phase,batch,variant,images_per_s")

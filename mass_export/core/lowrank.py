@@ -19,30 +19,80 @@ import numpy as np
 GRAM_RCOND = 1e-13
 
 
-def inverse_sqrt_psd(gram: np.ndarray, rcond: float = GRAM_RCOND) -> np.ndarray:
-    """(pseudo-)inverse square root of a symmetric positive semi-definite matrix."""
-    eigenvalues, eigenvectors = np.linalg.eigh(gram)
-    cutoff = rcond * max(float(eigenvalues[-1]), 0.0)
-    keep = eigenvalues > cutoff
-    scale = np.zeros_like(eigenvalues)
-    scale[keep] = 1.0 / np.sqrt(eigenvalues[keep])
-    return (eigenvectors * scale) @ eigenvectors.T
+# A Gram matrix whose smallest kept eigenvalue is below this fraction of its largest is "ill-conditioned": float32
+# products through its inverse square root would lose up to sqrt(1 / ratio) of float32's precision (10x here).
+WELL_CONDITIONED = 1e-2
 
 
-def tsvm_factors(U: np.ndarray, s: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Factors (A, B) with A @ B = TSV-M of the given tasks.
+def inverse_sqrt_psd(gram: np.ndarray, rcond: float = GRAM_RCOND, with_spread: bool = False):
+    """(pseudo-)inverse square root of symmetric positive semi-definite matrices (..., n, n), batched.
+
+    with_spread: also return, per matrix, smallest kept eigenvalue / largest (1 = orthonormal columns)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)  # one LAPACK loop over the stack
+    largest = np.maximum(eigenvalues[..., -1:], 0.0)
+    keep = eigenvalues > rcond * largest
+    scale = np.where(keep, 1.0 / np.sqrt(np.where(keep, eigenvalues, 1.0)), 0.0)
+    result = (eigenvectors * scale[..., None, :]) @ np.swapaxes(eigenvectors, -1, -2)
+    if not with_spread:
+        return result
+    smallest = np.where(keep, eigenvalues, np.inf).min(axis=-1)
+    return result, np.where(largest[..., 0] > 0, smallest / np.where(largest[..., 0] > 0, largest[..., 0], 1), 1.0)
+
+
+def concatenated(U: np.ndarray, s: np.ndarray, V: np.ndarray, dtype=np.float32):
+    """U_cat (m, Sk), s_cat (Sk,), V_cat (Sk, n) from per-task U (S, m, k), s (S, k), V (S, k, n)."""
+    num_tasks, m, k = U.shape
+    U_cat = np.ascontiguousarray(np.transpose(U, (1, 0, 2)).reshape(m, num_tasks * k), dtype=dtype)
+    V_cat = np.ascontiguousarray(V.reshape(num_tasks * k, -1), dtype=dtype)
+    return U_cat, s.reshape(-1).astype(np.float64), V_cat
+
+
+def gram(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """left @ right in float64: only |S|k x |S|k, but the inverse square roots amplify its rounding in nearly
+    dependent subspaces (and fp16-stored factors are orthonormal only to ~1e-3), so it earns float64."""
+    return left.astype(np.float64) @ right.astype(np.float64)
+
+
+def tsvm_factors_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      dtype=np.float32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(A, B) with A @ B = TSV-M for each (U, s, V) of ``parts`` (rank |S|k each), in ``dtype``.
+
+    Usually A = U_cat M (m, Sk) and B = V_cat (Sk, n) with M = G_U^(-1/2) diag(s_cat) G_V^(-1/2). M comes
+    from float64 Gram matrices whose eigen-decompositions run batched over every key of the same |S|k; the big
+    product U_cat M is in ``dtype`` (float32: its rounding is ~1e-7 of the update). When a Gram matrix is
+    ill-conditioned (``WELL_CONDITIONED``; e.g. all T tasks, |S|k = min(m, n)) the float32 form would cancel,
+    so that key gets the balanced form A = U_perp diag(s_cat), B = V_perp (both polar factors, orthonormal,
+    computed in float64): the same product, no large entries. ``dtype=np.float64`` is the all-float64 form.
+    """
+    cats = [concatenated(U, s, V, dtype) for U, s, V in parts]
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(cats)
+    by_rank: dict[int, list[int]] = {}
+    for index, (_, s_cat, _) in enumerate(cats):
+        by_rank.setdefault(len(s_cat), []).append(index)
+    for indices in by_rank.values():
+        grams_u = np.stack([gram(cats[i][0].T, cats[i][0]) for i in indices])
+        grams_v = np.stack([gram(cats[i][2], cats[i][2].T) for i in indices])
+        # No shortcut for a single task: the polar step the reference applies must be applied here too.
+        roots_u, spread_u = inverse_sqrt_psd(grams_u, with_spread=True)
+        roots_v, spread_v = inverse_sqrt_psd(grams_v, with_spread=True)
+        for position, i in enumerate(indices):
+            U_cat, s_cat, V_cat = cats[i]
+            if dtype == np.float64 or min(spread_u[position], spread_v[position]) >= WELL_CONDITIONED:
+                middle = roots_u[position] @ (s_cat[:, None] * roots_v[position])
+                out[i] = (U_cat @ middle.astype(dtype), V_cat)
+            else:
+                U_perp = U_cat.astype(np.float64) @ roots_u[position]
+                V_perp = roots_v[position] @ V_cat.astype(np.float64)
+                out[i] = ((U_perp * s_cat).astype(dtype), V_perp.astype(dtype))
+    return out
+
+
+def tsvm_factors(U: np.ndarray, s: np.ndarray, V: np.ndarray, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Factors (A, B) with A @ B = TSV-M of the given tasks (float64 by default: the exact form).
 
     U: (S, m, k), s: (S, k), V: (S, k, n) for the S selected tasks. Returns A (m, Sk), B (Sk, n).
-    Computed in float64: the inverse square roots amplify rounding in nearly dependent subspaces.
     """
-    num_tasks, m, k = U.shape
-    U_cat = np.ascontiguousarray(np.transpose(U, (1, 0, 2)).reshape(m, num_tasks * k), dtype=np.float64)
-    V_cat = np.ascontiguousarray(V.reshape(num_tasks * k, -1), dtype=np.float64)
-    s_cat = s.reshape(-1).astype(np.float64)
-    # No shortcut for a single task: stored U, V are orthonormal only to their storage precision (fp16 builds:
-    # ~1e-3), and the polar step the reference applies must be applied here too.
-    middle = inverse_sqrt_psd(U_cat.T @ U_cat) @ (s_cat[:, None] * inverse_sqrt_psd(V_cat @ V_cat.T))
-    return U_cat @ middle, V_cat
+    return tsvm_factors_many([(U, s, V)], dtype)[0]
 
 
 def tsvm_delta(U: np.ndarray, s: np.ndarray, V: np.ndarray) -> np.ndarray:

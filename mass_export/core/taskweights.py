@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mass_export.core.lowrank import tsvm_factors
+from mass_export.core.lowrank import tsvm_factors_many
 
 QKV_PARTS = ("q", "k", "v")
-FACTOR_FIELDS = ("U", "s", "V", "base")
 
 
 @dataclass
@@ -47,36 +46,103 @@ def weight_key(factor_key: str) -> tuple[str, int | None]:
     return factor_key, None
 
 
-def low_rank_update(parts: dict[str, np.ndarray], tasks) -> tuple[np.ndarray, np.ndarray]:
-    index = np.asarray(tasks, dtype=np.int64)
-    return tsvm_factors(parts["U"][index], parts["s"][index], parts["V"][index])
+def _chosen_tasks(parts: dict[str, np.ndarray], tasks: tuple[int, ...], base: bool) -> list[int]:
+    return [t for t in tasks if parts["base"][t]] if base else list(tasks)
+
+
+def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32) -> dict[str, tuple]:
+    """Per factor key of the wanted weights: (A, B) in ``dtype`` with A @ B = TSV-M of the key's tasks (see
+    ``mass_export.core.lowrank``); keys whose task list is empty (theta_MT's no-redundancy pass) are left out.
+    The eigen-decompositions run batched across keys."""
+    tasks = tuple(tasks)
+    wanted = None if keys is None else set(keys)
+    selected = {}
+    for factor_key, parts in stored.factors.items():
+        if wanted is not None and weight_key(factor_key)[0] not in wanted:
+            continue
+        chosen = _chosen_tasks(parts, tasks, base)
+        if chosen:
+            index = np.asarray(chosen, dtype=np.int64)
+            selected[factor_key] = (parts["U"][index], parts["s"][index], parts["V"][index])
+    return dict(zip(selected, tsvm_factors_many(list(selected.values()), dtype)))
+
+
+def mean_deltas(stored: StoredTasks, tasks, keys=None) -> dict[str, np.ndarray]:
+    """theta_pre + alpha * mean over ``tasks`` of the non-2-D deltas, float32."""
+    index = list(tasks)
+    return {key: np.asarray(stored.pretrained[key] + stored.alpha * delta[index].astype(np.float64).mean(axis=0),
+                            dtype=np.float32)
+            for key, delta in stored.deltas.items() if keys is None or key in keys}
 
 
 def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False) -> dict[str, np.ndarray]:
-    """fp32 weights for the graph inputs: theta(tasks), or theta_MT when ``base`` (then ``tasks`` = all)."""
+    """fp32 weights for the graph inputs: theta(tasks), or theta_MT when ``base`` (then ``tasks`` = all).
+
+    Each 2-D weight is theta_pre + alpha * A @ B computed in float32 straight into its output array (no float64
+    copy of the tower): the rounding of the product is relative to the update, ~1e-7 of it. theta_MT (``base``)
+    merges all T tasks, where |S|k reaches min(m, n) and the Gram matrices can be ill-conditioned; it is made
+    once per load, so it is computed in float64 throughout.
+    """
     tasks = tuple(tasks)
-    out: dict[str, np.ndarray] = {}
     wanted = None if keys is None else set(keys)
-    for factor_key, parts in stored.factors.items():
+    dtype = np.float64 if base else np.float32
+    out: dict[str, np.ndarray] = {}
+    for factor_key, (A, B) in task_set_factors(stored, tasks, keys, base, dtype).items():
         key, block = weight_key(factor_key)
-        if wanted is not None and key not in wanted:
-            continue
-        chosen = [t for t in tasks if parts["base"][t]] if base else list(tasks)
         if key not in out:
-            out[key] = stored.pretrained[key].astype(np.float64)
-        if not chosen:
-            continue
-        A, B = low_rank_update(parts, chosen)
+            out[key] = np.array(stored.pretrained[key], dtype=dtype, copy=True)
         rows = A.shape[0]
         target = out[key] if block is None else out[key][block * rows:(block + 1) * rows]
-        target += stored.alpha * (A @ B)
-    for key, delta in stored.deltas.items():
-        if wanted is not None and key not in wanted:
-            continue
-        mean = delta[list(tasks)].astype(np.float64).mean(axis=0)
-        out[key] = stored.pretrained[key] + stored.alpha * mean
+        update = np.matmul(A, B)
+        if stored.alpha != 1:
+            update *= stored.alpha
+        target += update
+    out.update(mean_deltas(stored, tasks, wanted))
     for key, value in stored.pretrained.items():
         if (wanted is None or key in wanted) and key not in out:
-            out[key] = value  # integer buffers and anything without a delta
+            out[key] = value  # integer buffers, 2-D keys without a selected task, anything without a delta
     return {key: np.ascontiguousarray(value, dtype=np.float32) if value.dtype.kind == "f" else value
             for key, value in out.items()}
+
+
+def factor_input_names(key: str) -> tuple[str, str]:
+    """Graph input names of a linear weight's low-rank update (the low-rank encoder graph)."""
+    return f"{key}.A", f"{key}.B"
+
+
+def stack_parts(factors: dict[str, tuple], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One weight's update as A (P, m/P, R), B (P, R, n): its q/k/v blocks stacked (P = 3), else P = 1."""
+    parts = [factors[f"{key}.{part}"] for part in QKV_PARTS] if f"{key}.q" in factors else [factors[key]]
+    return np.stack([A for A, _ in parts]), np.stack([B for _, B in parts])
+
+
+def low_rank_inputs(stored: StoredTasks, tasks, keys, linear_keys) -> dict[str, np.ndarray]:
+    """The low-rank encoder's per-task-set inputs: ``K.A`` (P, m/P, R, alpha folded in) and ``K.B`` (P, R, n)
+    for every linear key K, and dense theta(S) for the other ``keys``."""
+    linear_keys = list(linear_keys)
+    linear = set(linear_keys)
+    factors = task_set_factors(stored, tasks, linear_keys)
+    out = task_set_weights(stored, tasks, keys=[k for k in keys if k not in linear])
+    for key in linear_keys:
+        A, B = stack_parts(factors, key)
+        name_a, name_b = factor_input_names(key)
+        out[name_a] = A * np.float32(stored.alpha) if stored.alpha != 1 else A
+        out[name_b] = B
+    return out
+
+
+def dense_from_low_rank(stored: StoredTasks, inputs: dict[str, np.ndarray], linear_keys) -> dict[str, np.ndarray]:
+    """theta(S) from the low-rank inputs: W = theta_pre + A_p @ B_p per row block (float32, straight into W);
+    the other keys are the same arrays."""
+    linear = set(linear_keys)
+    names = {name for key in linear for name in factor_input_names(key)}
+    out = {key: value for key, value in inputs.items() if key not in names}
+    for key in linear:
+        name_a, name_b = factor_input_names(key)
+        A, B = inputs[name_a], inputs[name_b]
+        weight = np.array(stored.pretrained[key], dtype=np.float32, copy=True)
+        rows = A.shape[1]
+        for part in range(A.shape[0]):
+            weight[part * rows:(part + 1) * rows] += A[part] @ B[part]
+        out[key] = weight
+    return out

@@ -6,13 +6,13 @@ ratio to the plain pass of the same run. Torch variants import torch lazily and 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +23,6 @@ from mass_export.core.manifest import read_manifest
 
 # Dense fp32 peak (TFLOP/s) of GPUs we may meet; --peak-tflops overrides. Figures are the vendors' data sheets.
 PEAK_FP32_TFLOPS = {"H100": 67.0, "H200": 67.0, "A100": 19.5, "L4": 30.3, "A10": 31.2, "T4": 8.1}
-
-
-@dataclass
-class Variant:
-    name: str
-    run: callable
-    stages: dict | None = None  # stage name -> callable, timed once per round too
 
 
 def tower_macs(manifest: dict, layers: int | None = None, tap: bool = False) -> float:
@@ -48,13 +41,13 @@ def tower_macs(manifest: dict, layers: int | None = None, tap: bool = False) -> 
     return float(macs)
 
 
-def sample_pixels(runtime, batch: int, images=()) -> np.ndarray:
+def sample_pixels(preprocessor, batch: int, images=()) -> np.ndarray:
     """Preprocessed real photos (scikit-image samples unless images are given), repeated to the batch size."""
     if not images:
         from mass_export.runtime.images import sample_photos
 
         images = sample_photos()
-    pixels = np.stack([runtime.preprocessor(runtime_image(i)) for i in images])
+    pixels = np.stack([preprocessor(runtime_image(i)) for i in images])
     return np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
 
 
@@ -85,44 +78,123 @@ def plain_graph(build_dir: Path, manifest: dict, out: Path) -> Path:
     return out
 
 
-def variants(runtime, build_dir: Path, manifest: dict, pixels: np.ndarray, tmp: Path, threads, providers,
-             with_torch: bool) -> list[Variant]:
-    from mass_export.runtime.backends import make_runner
+# The mixed stream's task sets, drawn per image: own task uniform over the T tasks, set size 1 / 2 / 3 with these
+# probabilities (the router's mix on the demo zoo's 4,200 test images), partners uniform among the other tasks.
+MIXED_SET_SIZES = (1, 2, 3)
+MIXED_SIZE_PROBABILITIES = (0.28, 0.63, 0.09)
+STREAMS = ("homogeneous", "mixed")
 
-    plain = make_runner(plain_graph(build_dir, manifest, tmp / "plain.onnx"), "onnxruntime", providers, threads)
+
+def draw_task_sets(rng: np.random.Generator, num_tasks: int, count: int) -> list[tuple[int, ...]]:
+    """``count`` task sets from the mixed stream's distribution (above)."""
+    sets = []
+    for _ in range(count):
+        own = int(rng.integers(num_tasks))
+        size = min(int(rng.choice(MIXED_SET_SIZES, p=MIXED_SIZE_PROBABILITIES)), num_tasks)
+        others = [t for t in range(num_tasks) if t != own]
+        partners = rng.choice(others, size - 1, replace=False).tolist() if size > 1 else []
+        sets.append(tuple(sorted([own, *partners])))
+    return sets
+
+
+class Stream:
+    """Batches of a named stream: ``homogeneous`` (the same real photos every round, routed by the router),
+    ``mixed`` (those photos with task sets drawn from the mixed distribution, forced through
+    ``predict(task_sets=...)`` after the first pass and router have run as for any stream) or a folder / file
+    list (real images in the given order, cycled, routed by the router)."""
+
+    def __init__(self, name: str, runtime, pixels: np.ndarray, seed: int = 0):
+        self.name, self.runtime, self.pixels, self.batch = name, runtime, pixels, len(pixels)
+        self.rng = np.random.default_rng(seed)
+        self.images, self.position = None, 0
+        if name not in STREAMS:
+            from mass_export.runtime.images import expand_paths
+
+            paths = [p for p in expand_paths([Path(name)])]
+            if not paths:
+                raise ValueError(f"stream {name!r}: no images there (give homogeneous, mixed or a folder of images)")
+            self.images = paths
+
+    def next_batch(self) -> tuple[np.ndarray, list | None]:
+        if self.name == "homogeneous":
+            return self.pixels, None
+        if self.name == "mixed":
+            return self.pixels, draw_task_sets(self.rng, self.runtime.num_tasks, self.batch)
+        chosen = [self.images[(self.position + i) % len(self.images)] for i in range(self.batch)]
+        self.position += self.batch
+        return np.stack([self.runtime.preprocessor(runtime_image(path)) for path in chosen]), None
+
+
+def mass_call(runtime, stream: Stream, record: list) -> callable:
+    """One two-pass batch of the stream; appends its distinct task-set count to ``record``. Decoding a PATH
+    stream's images happens before the timed call."""
+    pending = {}
+
+    def prepare():
+        pending["batch"] = stream.next_batch()
+
+    def call():
+        pixels, forced = pending.pop("batch")
+        if forced is None:
+            predictions = runtime.predict(pixels)
+        else:
+            runtime.route(pixels)  # a real stream routes every image; the drawn sets then replace the router's
+            predictions = runtime.predict(pixels, task_sets=forced)
+        record.append(len({p.task_set for p in predictions}))
+
+    return prepare, call
+
+
+def stage_calls(runtime, pixels: np.ndarray) -> dict:
+    """The two-pass runtime's stages through its public API, on the homogeneous batch."""
+    # Blank stage inputs of the right shapes (costs do not depend on values): nothing is prepared here.
+    feature = np.zeros((len(pixels), runtime.feature_width), np.float32)
+    features = np.zeros((len(pixels), runtime.embed_dim), np.float32)
     _, task_sets = runtime.route(pixels)
     groups = group_by_task_set(task_sets)
-    for task_set in groups:  # cached task-set weights, as in steady-state serving
-        runtime.encode(pixels[:1], task_set)
-    feature = runtime.runners["prefix"].run({"pixel_values": pixels, **runtime._prefix_inputs})["route_feature"]
-    features = runtime.encode(pixels, next(iter(groups)))
 
     def second_pass():
         for task_set, indices in groups.items():
-            runtime.encode(pixels[indices], task_set)
+            runtime.second_pass(pixels[indices], task_set)
 
-    out = [
-        Variant("plain_pass", lambda: plain.run({"images": pixels})),
-        Variant("mass_onnx", lambda: runtime.predict(pixels), stages={
-            "first_pass": lambda: runtime.runners["prefix"].run({"pixel_values": pixels, **runtime._prefix_inputs}),
-            "router": lambda: runtime.runners["router"].run({"route_feature": feature, **runtime._router_inputs}),
-            "second_pass": second_pass,
-            "heads": lambda: runtime.runners["heads"].run({"image_features": features, **runtime._heads_inputs}),
-        }),
-    ]
-    if with_torch:
-        import torch
+    return {"first_pass": lambda: runtime.first_pass(pixels), "router": lambda: runtime.router(feature),
+            "second_pass": second_pass, "heads": lambda: runtime.heads(features)}
 
-        from mass_export.merging.stored import reference_from_build
 
-        if threads:
-            torch.set_num_threads(threads)
-        reference = reference_from_build(build_dir)
-        x = torch.from_numpy(pixels)
-        reference.predict(x)  # warm the task-set cache
-        out += [Variant("torch_naive", lambda: reference.predict_naive(x)),
-                Variant("torch_early_exit_cached", lambda: reference.predict(x))]
+def preparation_calls(runtime, seed: int = 0) -> dict:
+    """Preparing one task set of each size from the stored factors, uncached, a new random set every call:
+    dense weights (factors, then the products) and the low-rank factors alone, as the runtime prepares them."""
+    rng = np.random.default_rng(seed)
+
+    def draw(size):
+        return tuple(sorted(rng.choice(runtime.num_tasks, size, replace=False).tolist()))
+
+    def timed(prepare, size):
+        def call():
+            task_set = draw(size)
+            with runtime.preparation_threads():
+                return prepare(task_set)
+        return call
+
+    out = {}
+    for size in range(1, min(3, runtime.num_tasks) + 1):
+        out[f"prepare_dense.size{size}"] = timed(lambda t: runtime.prepare_task_set(t, reuse_factors=False), size)
+        if runtime.has_lowrank:
+            out[f"prepare_lowrank.size{size}"] = timed(runtime.prepare_factors, size)
     return out
+
+
+def torch_calls(build_dir: Path, pixels: np.ndarray, threads) -> dict:
+    import torch
+
+    from mass_export.merging.stored import reference_from_build
+
+    if threads:
+        torch.set_num_threads(threads)
+    reference = reference_from_build(build_dir)
+    x = torch.from_numpy(pixels)
+    reference.predict(x)  # the reference's own task-set cache, as before this bench timed it
+    return {"torch_naive": lambda: reference.predict_naive(x), "torch_early_exit_cached": lambda: reference.predict(x)}
 
 
 # The peak is VmHWM of /proc/self/status, the high-water mark of this process's own address space. Not
@@ -179,60 +251,121 @@ def gpu_name() -> str | None:
         return None
 
 
-def run_bench(build_dir, batch_sizes=(1, 16), warmup: int = 2, iterations: int = 10, providers=("cpu",),
-              threads: int | None = None, with_torch: bool = True, peak_tflops: float | None = None,
-              progress: bool = True) -> dict:
+def _timing_row(batch: int, name: str, values: list[float], plain: float) -> dict:
+    ordered = sorted(values)
+    median = statistics.median(values)
+    return {"batch": batch, "variant": name, "images_per_s": round(batch / median, 3),
+            "p50_ms": round(1000 * median, 3),
+            "p90_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
+            "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+            "time_ratio_to_plain": round(median / plain, 3), "throughput_ratio_to_plain": round(plain / median, 3)}
+
+
+def _counter_delta(before: dict, after: dict) -> dict:
+    cache_b, cache_a = before["cache"], after["cache"]
+    delta = {key: cache_a[key] - cache_b[key] for key in ("hits", "misses", "waits", "preparations", "evictions")}
+    delta["prepare_seconds"] = round(cache_a["prepare_seconds"] - cache_b["prepare_seconds"], 4)
+    delta["cache_bytes"] = cache_a["bytes"]
+    choices_b, choices_a = before["second_pass"]["choices"], after["second_pass"]["choices"]
+    delta["second_pass_groups"] = {key: choices_a[key] - choices_b[key] for key in choices_a}
+    return delta
+
+
+def bench_stream(build_dir: Path, stream_name: str, batch: int, pixels: np.ndarray, plain, warmup: int,
+                 iterations: int, load, extras: dict, seed: int, progress: bool) -> list[dict]:
+    """Rows of one stream at one batch size, from a freshly loaded runtime (nothing prepared but what its
+    load calibration measures and drops): ``cold`` = the warm-up rounds, ``steady`` = the timed rounds after."""
     from tqdm.auto import tqdm
 
+    runtime = load()
+    stream = Stream(stream_name, runtime, pixels, seed)
+    sets_per_batch: list[int] = []
+    prepare, mass = mass_call(runtime, stream, sets_per_batch)
+    counters = {}
+
+    def counted_mass():  # counters of the stream's own calls only (stage rows share the runtime)
+        before = runtime.stats()
+        mass()
+        for key, value in _counter_delta(before, runtime.stats()).items():
+            if isinstance(value, dict):
+                counters[key] = {k: counters.get(key, {}).get(k, 0) + v for k, v in value.items()}
+            elif key == "cache_bytes":
+                counters[key] = value
+            else:
+                counters[key] = round(counters.get(key, 0) + value, 4)
+
+    calls = [("plain_pass", plain), ("mass_onnx", counted_mass), *extras.items()]
+    rows = []
+    for phase, rounds in (("cold", warmup), ("steady", iterations)):
+        if rounds == 0:
+            continue
+        timed = {name: [] for name, _ in calls}
+        counts_from = len(sets_per_batch)
+        counters.clear()
+        for _ in tqdm(range(rounds), desc=f"bench {stream_name} batch {batch} {phase}", disable=not progress):
+            prepare()
+            for name, call in calls:
+                start = time.perf_counter()
+                call()
+                timed[name].append(time.perf_counter() - start)
+        plain_median = statistics.median(timed["plain_pass"])
+        for name, values in timed.items():
+            row = {"stream": stream_name, "phase": phase, **_timing_row(batch, name, values, plain_median)}
+            if name == "mass_onnx":
+                counts = sets_per_batch[counts_from:]
+                row["task_sets_per_batch"] = round(sum(counts) / len(counts), 2)
+                row.update(counters)
+                row["second_pass_model"] = runtime.stats()["second_pass"]["model_seconds"]
+            rows.append(row)
+    return rows
+
+
+def run_bench(build_dir, batch_sizes=(1, 16), warmup: int = 2, iterations: int = 10, providers=("cpu",),
+              threads: int | None = None, with_torch: bool = True, peak_tflops: float | None = None,
+              progress: bool = True, streams=STREAMS, seed: int = 0, cache_bytes: int | None = None) -> dict:
+    """Time the plain pass and the two-pass runtime on each stream, interleaved round by round; see
+    benchmarks/README.md for what each stream and row means."""
     from mass_export.runtime import MassRuntime
+    from mass_export.runtime.backends import make_runner
+    from mass_export.runtime.preprocess import Preprocessor
 
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
-    runtime = MassRuntime.load(build_dir, providers=providers, threads=threads)
     gpu = gpu_name() if any(p.startswith(("cuda", "tensorrt")) for p in providers) else None
     peak = peak_tflops or next((v for k, v in PEAK_FP32_TFLOPS.items() if gpu and k in gpu), None)
     macs_full = tower_macs(manifest)
     macs_prefix = tower_macs(manifest, manifest["method"]["routing_layer"], tap=True)
-    rows = []
+    preprocessor = Preprocessor.from_manifest(manifest["model"])
+    rows, providers_active = [], None
+
+    def load():
+        nonlocal providers_active
+        runtime = MassRuntime.load(build_dir, providers=providers, threads=threads, cache_bytes=cache_bytes)
+        providers_active = runtime.providers
+        return runtime
+
     with tempfile.TemporaryDirectory() as tmp:
+        plain_runner = make_runner(plain_graph(build_dir, manifest, Path(tmp) / "plain.onnx"), "onnxruntime",
+                                   providers, threads)
         for batch in batch_sizes:
-            pixels = sample_pixels(runtime, batch)
-            chosen = variants(runtime, build_dir, manifest, pixels, Path(tmp), threads, providers, with_torch)
-            timed = {v.name: [] for v in chosen}
-            timed.update({f"{v.name}.{s}": [] for v in chosen for s in (v.stages or {})})
-            calls = [(v.name, v.run) for v in chosen] + [(f"{v.name}.{s}", f) for v in chosen
-                                                          for s, f in (v.stages or {}).items()]
-            for _ in range(warmup):
-                for _, call in calls:
-                    call()
-            for _ in tqdm(range(iterations), desc=f"bench batch {batch}", disable=not progress):
-                for name, call in calls:
-                    start = time.perf_counter()
-                    call()
-                    timed[name].append(time.perf_counter() - start)
-            plain = statistics.median(timed["plain_pass"])
-            _, task_sets = runtime.route(pixels)
-            for name, values in timed.items():
-                ordered = sorted(values)
-                median = statistics.median(values)
-                row = {"batch": batch, "variant": name, "images_per_s": round(batch / median, 3),
-                       "p50_ms": round(1000 * median, 3),
-                       "p90_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
-                       "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
-                       "time_ratio_to_plain": round(median / plain, 3),
-                       "throughput_ratio_to_plain": round(plain / median, 3)}
-                if name in ("plain_pass", "mass_onnx"):
-                    macs = macs_full * batch if name == "plain_pass" else (macs_prefix + macs_full) * batch
-                    row["tflops"] = round(2 * macs / median / 1e12, 4)
-                    if peak:
-                        row["mfu"] = round(row["tflops"] / peak, 4)
-                if name == "mass_onnx":
-                    row["task_sets"] = len(group_by_task_set(task_sets))
-                rows.append(row)
+            pixels = sample_pixels(preprocessor, batch)
+            for stream_name in streams:
+                rows += bench_stream_with_extras(build_dir, stream_name, batch, pixels, plain_runner, warmup,
+                                                 iterations, load, threads, with_torch, seed, progress)
+                gc.collect()  # one stream's runtime (a real-size tower and its cache) is gone before the next
+    for row in rows:
+        if row["variant"] in ("plain_pass", "mass_onnx"):
+            macs = macs_full if row["variant"] == "plain_pass" else macs_prefix + macs_full
+            row["tflops"] = round(2 * macs * row["batch"] / (row["p50_ms"] / 1000) / 1e12, 4)
+            if peak:
+                row["mfu"] = round(row["tflops"] / peak, 4)
     return {
         "build": str(build_dir), "model": manifest["model"]["name"], "tasks": len(manifest["tasks"]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup": warmup, "iterations": iterations,
-        "providers_requested": list(providers), "providers_active": runtime.providers,
+        "streams": list(streams), "seed": seed,
+        "mixed_distribution": {"own_task": "uniform", "set_size": dict(zip(MIXED_SET_SIZES, MIXED_SIZE_PROBABILITIES)),
+                               "partners": "uniform"},
+        "providers_requested": list(providers), "providers_active": providers_active,
         "threads": threads, "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                         "cpus": os.cpu_count(), "gpu": gpu, "peak_fp32_tflops": peak},
         "macs_per_image": {"plain_pass": macs_full, "first_pass": macs_prefix},
@@ -241,14 +374,36 @@ def run_bench(build_dir, batch_sizes=(1, 16), warmup: int = 2, iterations: int =
     }
 
 
+def bench_stream_with_extras(build_dir, stream_name, batch, pixels, plain_runner, warmup, iterations, load, threads,
+                             with_torch, seed, progress) -> list[dict]:
+    """One stream's rows; the homogeneous stream also times the stages, task-set preparation and torch."""
+    extras = {}
+
+    def loaded():
+        runtime = load()
+        if stream_name == "homogeneous":
+            extras.update({f"mass_onnx.{name}": call for name, call in stage_calls(runtime, pixels).items()})
+            extras.update(preparation_calls(runtime, seed))
+            if with_torch:
+                extras.update(torch_calls(build_dir, pixels, threads))
+        return runtime
+
+    plain = lambda: plain_runner.run({"images": pixels})  # noqa: E731
+    return bench_stream(build_dir, stream_name, batch, pixels, plain, warmup, iterations, loaded,
+                        extras, seed, progress)
+
+
+CSV_COLUMNS = ["stream", "phase", "batch", "variant", "images_per_s", "p50_ms", "p90_ms", "p99_ms",
+               "time_ratio_to_plain", "throughput_ratio_to_plain", "tflops", "mfu", "task_sets_per_batch", "hits",
+               "misses", "waits", "preparations", "prepare_seconds", "evictions", "cache_bytes"]
+
+
 def to_csv(report: dict) -> str:
     import csv
     import io
 
-    keys = ["batch", "variant", "images_per_s", "p50_ms", "p90_ms", "p99_ms", "time_ratio_to_plain",
-            "throughput_ratio_to_plain", "tflops", "mfu", "task_sets"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, keys, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(report["results"])
     return buffer.getvalue()
@@ -257,10 +412,13 @@ def to_csv(report: dict) -> str:
 def to_table(report: dict) -> str:
     lines = [f"{report['model']}, {report['tasks']} tasks, providers {report['providers_active']['encoder']}, "
              f"threads {report['threads']}",
-             f"{'batch':>5}  {'variant':<32}{'img/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'x plain time':>14}"]
+             f"{'stream':<12}{'phase':<8}{'batch':>5}  {'variant':<30}{'img/s':>9}{'p50 ms':>10}{'p99 ms':>10}"
+             f"{'x plain thr.':>13}{'sets/batch':>11}{'miss':>6}"]
     for row in report["results"]:
-        lines.append(f"{row['batch']:>5}  {row['variant']:<32}{row['images_per_s']:>9.2f}{row['p50_ms']:>10.1f}"
-                     f"{row['p99_ms']:>10.1f}{row['time_ratio_to_plain']:>14.3f}")
+        lines.append(f"{row['stream'][-11:]:<12}{row['phase']:<8}{row['batch']:>5}  {row['variant']:<30}"
+                     f"{row['images_per_s']:>9.2f}{row['p50_ms']:>10.1f}{row['p99_ms']:>10.1f}"
+                     f"{row['throughput_ratio_to_plain']:>13.3f}{row.get('task_sets_per_batch', ''):>11}"
+                     f"{row.get('misses', ''):>6}")
     return "\n".join(lines)
 
 

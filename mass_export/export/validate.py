@@ -20,7 +20,7 @@ from mass_export.core.errors import ValidationError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
 from mass_export.core.manifest import read_manifest
 from mass_export.runtime.images import sample_photos
-from mass_export.core.taskweights import StoredTasks, task_set_weights
+from mass_export.core.taskweights import StoredTasks, low_rank_inputs, task_set_weights
 
 BATCH_SIZES = (1, 3, 8)
 
@@ -67,6 +67,27 @@ def worse(current: float, new: float) -> float:
     return float("nan") if np.isnan(current) or np.isnan(new) else max(current, new)
 
 
+class _LowRankCheck:
+    """The low-rank encoder graph fed as the runtime feeds it: theta_pre for the linear weights, the set's
+    factors (Gram form) and dense theta(S) for the other keys."""
+
+    def __init__(self, manifest: dict, stored: StoredTasks, graphs: dict):
+        self.session, self.stored = graphs["lowrank"], stored
+        record = manifest["graphs"]["lowrank"]
+        self.linear = record["linear_keys"]
+        self.keys = [k for k in record["inputs"] if k != "pixel_values" and not k.endswith((".A", ".B"))]
+        self.cache: dict = {}
+
+    def features(self, pixels: np.ndarray, task_set) -> np.ndarray:
+        if task_set not in self.cache:
+            if len(self.cache) >= 2:
+                self.cache.pop(next(iter(self.cache)))
+            inputs = low_rank_inputs(self.stored, task_set, self.keys, self.linear)
+            inputs.update({k: self.stored.pretrained[k] for k in self.linear})
+            self.cache[task_set] = inputs
+        return _run(self.session, {"pixel_values": pixels, **self.cache[task_set]})[0]
+
+
 def validate_build(root: Path, reference, atol: float = options.default("atol"), images=(), batch_sizes=BATCH_SIZES,
                    progress: bool = True) -> dict:
     """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure."""
@@ -84,6 +105,9 @@ def validate_build(root: Path, reference, atol: float = options.default("atol"),
     layer = manifest["method"]["routing_layer"]
     basis = stored.factors[f"transformer.resblocks.{layer}.mlp.c_fc.weight"]["V"].astype(np.float32)
     diffs = {name: 0.0 for name in ("prefix", "router", "encoder", "heads", "end_to_end")}
+    lowrank = _LowRankCheck(manifest, stored, graphs) if "lowrank" in graphs else None
+    if lowrank:
+        diffs["lowrank"] = 0.0
     mismatched_sets, mismatched_predictions, weight_cache = [], [], {}
     eta, top_k = manifest["method"]["eta"], manifest["method"]["top_k"]
     steps = [(b, s) for b in batch_sizes for s in range(0, len(pixels), b)]
@@ -110,6 +134,16 @@ def validate_build(root: Path, reference, atol: float = options.default("atol"),
             features = _run(graphs["encoder"], {"pixel_values": x[indices].numpy(), **weight_cache[task_set]})[0]
             ref_features = reference.encode(x[indices], task_set)
             diffs["encoder"] = worse(diffs["encoder"], max_abs_diff(features, ref_features.numpy()))
+            if lowrank:
+                low_features = lowrank.features(x[indices].numpy(), task_set)
+                diffs["lowrank"] = worse(diffs["lowrank"], max_abs_diff(low_features, ref_features.numpy()))
+                low_logits = _run(graphs["heads"], {"image_features": low_features, "heads": heads})[0]
+                for row, index in enumerate(indices):
+                    slices = [head_slice(manifest, task) for task in task_set]
+                    position, cls, _ = pick_heads([low_logits[row][s] for s in slices])
+                    if (task_set[position], cls) != (ref_predictions[index].task_index,
+                                                      ref_predictions[index].class_index):
+                        mismatched_predictions.append(start + index)
             logits = _run(graphs["heads"], {"image_features": features, "heads": heads})[0]
             if not np.isfinite(logits).all():  # every head's logits, not only the winner's compared below
                 diffs["heads"] = float("nan")

@@ -146,14 +146,36 @@ def tensorrt_available() -> bool:
     return True
 
 
-def make_runner(path: Path, backend: str = "onnxruntime", providers=("cpu",), threads: int | None = None,
-                strict_providers: bool = False, check: bool = True) -> Runner:
-    if backend in ("onnxruntime", "ort"):
-        return OrtRunner(path, providers, threads, strict_providers, check)
-    if backend == "tensorrt":
+# Backends by name: a new backend is one runner class (``Runner``'s interface, constructed as
+# ``cls(path, providers, threads, strict_providers, check)``) and one ``register_backend`` line.
+BACKENDS: dict[str, type] = {}
+
+
+def register_backend(runner: type, *names: str) -> type:
+    for name in names:
+        BACKENDS[name] = runner
+    return runner
+
+
+class TensorrtEngineRunner:
+    """Native TensorRT engines: not implemented; says what to use instead."""
+
+    def __init__(self, path, providers=("cpu",), threads=None, strict_providers=False, check=True):
         if not tensorrt_available():
             raise ProviderError("backend 'tensorrt' needs the tensorrt Python package, which is not installed; "
                                 "use ONNX Runtime with providers=('tensorrt',) or ('cuda',)")
         raise ProviderError("native TensorRT engines are not implemented in this version; use ONNX Runtime's "
                             "TensorRT execution provider: providers=('tensorrt',) (--providers tensorrt)")
-    raise ConfigError(f"unknown backend {backend!r}: choose onnxruntime or tensorrt")
+
+
+register_backend(OrtRunner, "onnxruntime", "ort")
+register_backend(TensorrtEngineRunner, "tensorrt")
+
+
+def make_runner(path: Path, backend: str = "onnxruntime", providers=("cpu",), threads: int | None = None,
+                strict_providers: bool = False, check: bool = True) -> Runner:
+    """A runner of the registered ``backend`` for one graph."""
+    runner = BACKENDS.get(backend)
+    if runner is None:
+        raise ConfigError(f"unknown backend {backend!r}: choose {' or '.join(sorted(BACKENDS))}")
+    return runner(path, providers, threads, strict_providers, check)

@@ -1,34 +1,43 @@
 """MASS inference from a build directory: route each image on theta_MT, then classify it with theta(S).
 
 numpy + onnxruntime only. Per batch: prefix graph (theta_MT, early exit) -> router graph -> task sets ->
-images grouped by task set -> encoder graph with that set's weights (from a bounded LRU cache) -> heads graph
--> the selected head with the largest logit.
+images grouped by task set -> second pass per group -> heads graph -> the selected head with the largest logit.
+
+The second pass of a group runs one of two exact forms of theta(S) (``SecondPassPlanner``): the encoder graph
+fed with S's dense weights (cached, or prepared now), or the low-rank graph fed with theta_pre and S's update
+factors (no preparation of dense weights; the activations pay R(m + n) per token). Stages are public
+(``first_pass``, ``router``, ``second_pass``, ``heads``) so benchmarks time them without private state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
-import threading
-from collections import OrderedDict
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from safetensors.numpy import load_file
+from threadpoolctl import ThreadpoolController
 
 from mass_export.core.errors import BuildIntegrityError, ConfigError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
 from mass_export.core.manifest import read_manifest
-from mass_export.core.taskweights import StoredTasks, task_set_weights
+from mass_export.core.taskweights import StoredTasks, dense_from_low_rank, low_rank_inputs, task_set_weights
 from mass_export.runtime.backends import Runner, check_providers, make_runner
 from mass_export.runtime.images import DEFAULT_MAX_PIXELS, as_image
+from mass_export.runtime.planner import SecondPassPlanner
 from mass_export.runtime.preprocess import Preprocessor
+from mass_export.runtime.taskcache import TaskSetCache
 
 GRAPHS = ("prefix", "router", "encoder", "heads")
+OPTIONAL_GRAPHS = ("lowrank",)  # builds made before it have none: their second pass is dense only
+DEFAULT_WINDOW_BATCHES = 8  # classify_batches routes this many batches before the second passes
 
 
 @dataclass
@@ -73,36 +82,6 @@ def class_confidence(logits: np.ndarray, index: int) -> float:
     return float(weights[index] / weights.sum())
 
 
-class LRUCache:
-    """At most ``capacity`` values made by ``make(key)``, least recently used evicted first."""
-
-    def __init__(self, capacity: int, make: Callable):
-        if capacity < 0:
-            raise ConfigError(f"cache size must be >= 0 (got {capacity})")
-        self.capacity, self.make = capacity, make
-        self.entries: OrderedDict = OrderedDict()
-        self.hits = self.misses = 0
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            if key in self.entries:
-                self.hits += 1
-                self.entries.move_to_end(key)
-                return self.entries[key]
-            self.misses += 1
-            value = self.make(key)
-            if self.capacity:
-                self.entries[key] = value
-                while len(self.entries) > self.capacity:
-                    self.entries.popitem(last=False)
-            return value
-
-    def info(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "size": len(self.entries), "capacity": self.capacity,
-                "keys": list(self.entries)}
-
-
 def _check(condition: bool, root: Path, problem: str) -> None:
     if not condition:
         raise BuildIntegrityError(f"{root}: {problem}")
@@ -118,13 +97,16 @@ def load_finite(root: Path, name: str) -> dict[str, np.ndarray]:
 
 
 class MassRuntime:
-    """A loaded build. ``classify`` for images; ``route`` and ``encode`` for validation and benchmarks."""
+    """A loaded build. ``classify`` / ``classify_batches`` for images, ``predict`` for pixels; the stages
+    ``first_pass``, ``router``, ``second_pass``, ``heads`` and ``route`` / ``encode`` / ``logits`` for
+    validation and benchmarks; ``warm``, ``calibrate`` and ``stats`` for the task-set cache and the planner."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS  # a larger image file is refused before it is decoded (set to raise it)
 
     def __init__(self, root: Path, manifest: dict, stored: StoredTasks, heads: np.ndarray,
-                 classes: dict[str, list[str]], runners: dict[str, Runner], cache_size: int = 4,
-                 loader_threads: int | None = None):
+                 classes: dict[str, list[str]], runners: dict[str, Runner], cache_size: int | None = None,
+                 loader_threads: int | None = None, cache_bytes: int | None = None, second_pass: str = "auto",
+                 calibrate: bool = True, prepare_threads: int | None = 1):
         self.root, self.manifest, self.stored, self.runners = root, manifest, stored, runners
         self.tasks: list[str] = list(manifest["tasks"])
         self.classes = classes
@@ -144,28 +126,48 @@ class MassRuntime:
         self._encoder_keys = [k for k in runners["encoder"].input_names if k != "pixel_values"]
         unknown = sorted(set(prefix_keys + self._encoder_keys) - set(stored.pretrained))
         _check(not unknown, root, f"graph inputs with no stored weights: {', '.join(unknown[:5])}")
+        self._linear_keys = list((manifest["graphs"].get("lowrank") or {}).get("linear_keys", ()))
+        if "lowrank" in runners:
+            expected = {name for key in self._linear_keys for name in (f"{key}.A", f"{key}.B")}
+            _check(expected <= set(runners["lowrank"].input_names), root, "graphs/lowrank.onnx lacks factor inputs")
 
-        # theta_MT is prepared (and on a GPU uploaded) once; task sets' weights go through the LRU cache.
+        # numpy's BLAS threads while a task set is prepared. One by default: a multi-threaded BLAS spinning beside
+        # ONNX Runtime's own threads on the same cores ran preparation 5-8x slower on a busy 2-core machine.
+        self.prepare_threads = prepare_threads
+        self._blas = ThreadpoolController() if prepare_threads else None
+        # theta_MT is prepared (and on a GPU uploaded) once; task sets' weights go through the cache.
         if method.get("router_on", "merged") == "pretrained":
             theta_mt = {k: stored.pretrained[k] for k in prefix_keys}
         else:
-            theta_mt = task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True)
+            with self.preparation_threads():
+                theta_mt = task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True)
         self._prefix_inputs = runners["prefix"].upload(theta_mt)
         basis = stored.factors[f"transformer.resblocks.{self.routing_layer}.mlp.c_fc.weight"]["V"]
         basis = basis.astype(np.float32)  # fp16 builds store it half
         self._router_inputs = runners["router"].upload({"router_basis": basis})
         self._heads_inputs = runners["heads"].upload({"heads": heads})
-        self.cache = LRUCache(cache_size, self._make_task_set_inputs)
+        if "lowrank" in runners:  # theta_pre for the linear weights, uploaded once
+            self._lowrank_base = runners["lowrank"].upload({k: stored.pretrained[k] for k in self._linear_keys})
+        # One cache for both kinds of prepared state, keyed ("dense", S) / ("factors", S).
+        self.cache = TaskSetCache(self._prepare_entry, cache_bytes, cache_size)
+        self.planner = SecondPassPlanner(second_pass, lowrank_available="lowrank" in runners)
+        if calibrate and self.planner.form == "auto":
+            self.calibrate()
 
     @classmethod
-    def load(cls, build_dir, providers=("cpu",), strict_providers: bool = False, cache_size: int = 4,
-             threads: int | None = None, backend: str = "onnxruntime",
-             loader_threads: int | None = None) -> "MassRuntime":
+    def load(cls, build_dir, providers=("cpu",), strict_providers: bool = False, cache_size: int | None = None,
+             threads: int | None = None, backend: str = "onnxruntime", loader_threads: int | None = None,
+             cache_bytes: int | None = None, second_pass: str = "auto", calibrate: bool = True,
+             prepare_threads: int | None = 1) -> "MassRuntime":
         """Open a build directory (every file's sha256 is checked against the manifest first).
 
         providers: ``cpu``, ``cuda``, ``cuda:1``, ``tensorrt`` (ONNX Runtime execution providers, in order of
         preference); a provider that cannot run warns, or raises ProviderError with ``strict_providers``.
-        cache_size: task sets whose dense weights stay prepared. threads: intra-op threads per graph.
+        cache_bytes: memory for prepared task sets (default: a share of available memory, see
+        ``runtime.taskcache``); cache_size: also at most this many entries. threads: intra-op threads per graph.
+        second_pass: ``auto`` (the planner chooses per group, see ``runtime.planner``), ``dense`` or ``lowrank``.
+        calibrate: measure the planner's costs now (``auto`` only) rather than densifying until measured.
+        prepare_threads: numpy BLAS threads while preparing a task set (None: the library's default).
         """
         root = Path(build_dir)
         manifest = read_manifest(root, verify=True)
@@ -177,71 +179,219 @@ class MassRuntime:
                                        load_finite(root, "deltas.safetensors"), manifest["method"]["alpha"])
         heads = load_finite(root, "heads.safetensors")["heads"]
         classes = json.loads((root / "classes.json").read_text())
+        names = [*GRAPHS, *(name for name in OPTIONAL_GRAPHS if name in graphs and second_pass != "dense")]
         runners = {name: make_runner(root / graphs[name]["file"], backend, providers, threads, check=False)
-                   for name in GRAPHS}
-        # One check for the four graphs: a provider counts as active only if every graph runs on it.
+                   for name in names}
+        # One check for all graphs: a provider counts as active only if every graph runs on it.
         active = [p for p in runners["encoder"].providers if all(p in r.providers for r in runners.values())]
         check_providers(runners["encoder"].requested, active, strict_providers, str(root))
-        return cls(root, manifest, stored, heads, classes, runners, cache_size, loader_threads)
+        return cls(root, manifest, stored, heads, classes, runners, cache_size, loader_threads, cache_bytes,
+                   second_pass, calibrate, prepare_threads)
 
     @property
     def providers(self) -> dict[str, list[str]]:
         """The providers actually running each graph."""
         return {name: list(runner.providers) for name, runner in self.runners.items()}
 
-    def _task_indices(self, task_set) -> tuple[int, ...]:
+    @property
+    def encoder_keys(self) -> list[str]:
+        """The dense encoder graph's weight inputs."""
+        return list(self._encoder_keys)
+
+    @property
+    def has_lowrank(self) -> bool:
+        return "lowrank" in self.runners
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the router tap's feature (the first pass's output)."""
+        return int(self.stored.factors[f"transformer.resblocks.{self.routing_layer}.mlp.c_fc.weight"]["V"].shape[-1])
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the image features (the second pass's output)."""
+        return int(self.manifest["model"]["config"]["embed_dim"])
+
+    def task_indices(self, task_set) -> tuple[int, ...]:
+        """A task set (names or indices) as ascending task indices."""
         indices = sorted({self.tasks.index(t) if isinstance(t, str) else int(t) for t in task_set})
         if not indices or not all(0 <= i < self.num_tasks for i in indices):
             raise ValueError(f"task set {task_set!r}: give task indices in 0..{self.num_tasks - 1} or names")
         return tuple(indices)
 
-    def _make_task_set_inputs(self, task_set: tuple[int, ...]) -> dict:
-        return self.runners["encoder"].upload(task_set_weights(self.stored, task_set, keys=self._encoder_keys))
+    # --- task-set preparation ---------------------------------------------------------------------------------
+
+    def prepare_factors(self, task_set: tuple[int, ...]) -> dict:
+        """The low-rank graph's per-set inputs (host arrays): update factors of the linear weights, dense
+        theta(S) for the other keys. A public hook: subclass to observe or pace preparation."""
+        return low_rank_inputs(self.stored, task_set, self._encoder_keys, self._linear_keys)
+
+    def prepare_task_set(self, task_set: tuple[int, ...], reuse_factors: bool = True) -> dict:
+        """Dense theta(S) for the encoder graph (host arrays), from S's cached low-rank factors when there are
+        some (``reuse_factors``). A public hook: subclass to observe or pace it."""
+        if not self._linear_keys:  # a build without the low-rank graph
+            return task_set_weights(self.stored, task_set, keys=self._encoder_keys)
+        ready = self.cache.lookup(("factors", task_set)) if reuse_factors else None
+        inputs = ready["host"] if ready else self.prepare_factors(task_set)
+        started = time.perf_counter()
+        weights = dense_from_low_rank(self.stored, inputs, self._linear_keys)
+        self.planner.observe_product(len(task_set), time.perf_counter() - started)
+        return weights
+
+    def _prepare_entry(self, key) -> dict:
+        """Cache entries hold host arrays and what the runner uploaded from them (the same arrays on CPU)."""
+        with self.preparation_threads():
+            return self._prepare_entry_now(key)
+
+    def preparation_threads(self):
+        """Context in which numpy's BLAS uses ``prepare_threads`` threads (as every preparation here does)."""
+        if self._blas is None:
+            return contextlib.nullcontext()
+        return self._blas.limit(limits=self.prepare_threads, user_api="blas")
+
+    def _prepare_entry_now(self, key) -> dict:
+        kind, task_set = key
+        if kind == "factors":
+            host = self.prepare_factors(task_set)
+            return {"host": host, "device": self.runners["lowrank"].upload(host)}
+        host = self.prepare_task_set(task_set)
+        self.cache.discard(("factors", task_set))  # superseded by the dense weights
+        return {"host": host, "device": self.runners["encoder"].upload(host)}
+
+    def warm(self, task_sets, form: str = "dense") -> None:
+        """Prepare these task sets now (dense weights, or ``form="lowrank"``: their factors)."""
+        if form not in ("dense", "lowrank") or (form == "lowrank" and not self.has_lowrank):
+            raise ValueError(f"warm form {form!r}: choose dense" + (" or lowrank" if self.has_lowrank else ""))
+        for task_set in task_sets:
+            self.cache.get(("dense" if form == "dense" else "factors", self.task_indices(task_set)))
+
+    def calibrate(self, images: int = 2) -> dict:
+        """Measure the planner's costs once, on ``images`` blank images and task set (0,): a low-rank pass, the
+        densifying product, a dense pass (each pass run twice, the second timed: first runs allocate). Nothing
+        stays cached; the preparations show in the cache counters."""
+        if "lowrank" not in self.runners:
+            return self.planner.info()
+        height, width = self.preprocessor.image_size
+        x = np.zeros((images, 3, height, width), np.float32)
+        task_set = (0,)
+        seconds = {}
+        for form in ("lowrank", "dense"):  # dense second: its preparation reuses the factors and times the product
+            entry = self.cache.get(("factors" if form == "lowrank" else "dense", task_set))
+            self._run_second_pass(x, task_set, form, entry=entry)
+            started = time.perf_counter()
+            self._run_second_pass(x, task_set, form, entry=entry)
+            seconds[form] = time.perf_counter() - started
+        self.cache.discard(("dense", task_set))
+        self.planner.observe_dense(images, seconds["dense"])
+        self.planner.observe_lowrank(1, images, seconds["lowrank"])
+        return self.planner.info()
+
+    def stats(self) -> dict:
+        """Cache counters (hits, misses, waits, preparations, seconds preparing, bytes) and the planner's
+        choices and cost model."""
+        cache = self.cache.info()
+        keys = cache.pop("keys")
+        cache["dense_sets"] = sum(kind == "dense" for kind, _ in keys)
+        cache["factor_sets"] = sum(kind == "factors" for kind, _ in keys)
+        return {"cache": cache, "second_pass": self.planner.info()}
+
+    # --- the stages -------------------------------------------------------------------------------------------
+
+    def first_pass(self, pixel_values: np.ndarray, keep=()) -> np.ndarray:
+        """The router tap's feature (B, d) from the prefix graph on theta_MT."""
+        x = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        return self.runners["prefix"].run({"pixel_values": x, **self._prefix_inputs}, keep=keep)["route_feature"]
+
+    def router(self, route_feature) -> np.ndarray:
+        """Router probabilities (B, T) from first-pass features."""
+        return self.runners["router"].run({"route_feature": route_feature, **self._router_inputs})["probs"]
 
     def route(self, pixel_values: np.ndarray) -> tuple[np.ndarray, list[tuple[int, ...]]]:
         """Router probabilities (B, T) and each image's task set (ascending task indices)."""
-        x = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if self.num_tasks == 1:
-            return np.ones((len(x), 1), np.float32), [(0,)] * len(x)
-        feature = self.runners["prefix"].run({"pixel_values": x, **self._prefix_inputs},
-                                             keep=("route_feature",))["route_feature"]
-        probs = self.runners["router"].run({"route_feature": feature, **self._router_inputs})["probs"]
+            return np.ones((len(pixel_values), 1), np.float32), [(0,)] * len(pixel_values)
+        probs = self.router(self.first_pass(pixel_values, keep=("route_feature",)))
         return probs, select_task_sets(probs, self.eta, self.max_tasks)
 
-    def _features(self, x: np.ndarray, task_set, keep=()):
-        inputs = self.cache.get(self._task_indices(task_set))
-        return self.runners["encoder"].run({"pixel_values": x, **inputs}, keep=keep)["image_features"]
+    def _run_second_pass(self, x: np.ndarray, task_set: tuple[int, ...], form: str, keep=(), entry=None):
+        if form == "dense":
+            entry = entry or self.cache.get(("dense", task_set))
+            return self.runners["encoder"].run({"pixel_values": x, **entry["device"]}, keep=keep)["image_features"]
+        entry = entry or self.cache.get(("factors", task_set))
+        return self.runners["lowrank"].run({"pixel_values": x, **self._lowrank_base, **entry["device"]},
+                                           keep=keep)["image_features"]
 
-    def encode(self, pixel_values: np.ndarray, task_set) -> np.ndarray:
+    def second_pass(self, pixel_values: np.ndarray, task_set, form: str | None = None, keep=()):
+        """Image features (B, D) of theta(task_set) (open_clip's encode_image, not normalised).
+
+        form: ``dense`` or ``lowrank`` (both exact), or None to let the planner choose."""
+        x = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        task_set = self.task_indices(task_set)
+        if form is None:
+            form = self.planner.choose(task_set, len(x), ("dense", task_set) in self.cache,
+                                       self.cache.in_flight(("dense", task_set)))
+        elif form not in ("dense", "lowrank") or (form == "lowrank" and "lowrank" not in self.runners):
+            raise ValueError(f"second pass form {form!r}: choose dense" + (" or lowrank" if "lowrank" in
+                                                                          self.runners else " (no lowrank graph)"))
+        entry = self.cache.get(("factors" if form == "lowrank" else "dense", task_set))  # not in the timing below
+        started = time.perf_counter()
+        features = self._run_second_pass(x, task_set, form, keep, entry)
+        seconds = time.perf_counter() - started
+        if form == "dense":
+            self.planner.observe_dense(len(x), seconds)
+        else:
+            self.planner.observe_lowrank(len(task_set), len(x), seconds)
+        return features
+
+    def heads(self, image_features) -> np.ndarray:
+        """Every head's logits (B, sum of classes) on L2-normalised features."""
+        return self.runners["heads"].run({"image_features": image_features, **self._heads_inputs})["logits"]
+
+    def encode(self, pixel_values: np.ndarray, task_set, form: str | None = None) -> np.ndarray:
         """Image features (B, D) of theta(task_set), as open_clip's encode_image (not normalised)."""
-        return self._features(np.ascontiguousarray(pixel_values, dtype=np.float32), task_set)
+        return self.second_pass(pixel_values, task_set, form)
 
-    def logits(self, pixel_values: np.ndarray, task_set) -> np.ndarray:
+    def logits(self, pixel_values: np.ndarray, task_set, form: str | None = None) -> np.ndarray:
         """Every head's logits (B, sum of classes) on theta(task_set)'s features."""
-        features = self._features(np.ascontiguousarray(pixel_values, dtype=np.float32), task_set,
-                                  keep=("image_features",))
-        return self.runners["heads"].run({"image_features": features, **self._heads_inputs})["logits"]
+        return self.heads(self.second_pass(pixel_values, task_set, form, keep=("image_features",)))
 
-    def predict(self, pixel_values: np.ndarray, top_k: int = 5) -> list[Prediction]:
-        """Both passes on preprocessed pixels (B, 3, H, W); images sharing a task set run together."""
+    # --- predictions ------------------------------------------------------------------------------------------
+
+    def predict(self, pixel_values: np.ndarray, top_k: int = 5, task_sets=None, probs=None,
+                batch_size: int | None = None, form: str | None = None) -> list[Prediction]:
+        """Both passes on preprocessed pixels (B, 3, H, W); images sharing a task set run together.
+
+        task_sets: one task set per image (names or indices) to skip the router, e.g. when the task is known;
+        then ``probs`` is empty unless given. batch_size: run each group's second pass in chunks of this size.
+        """
         if len(pixel_values) == 0:
             return []
-        probs, task_sets = self.route(pixel_values)
+        if task_sets is None:
+            probs, task_sets = self.route(pixel_values)
+        else:
+            if len(task_sets) != len(pixel_values):
+                raise ValueError(f"{len(task_sets)} task sets for {len(pixel_values)} images")
+            task_sets = [self.task_indices(t) for t in task_sets]
         out: list[Prediction | None] = [None] * len(task_sets)
         for task_set, indices in group_by_task_set(task_sets).items():
-            logits = self.logits(pixel_values[indices], task_set)
-            for row, index in zip(logits, indices):
-                position, cls, score = pick_heads([row[self._slices[t]] for t in task_set])
-                task = task_set[position]
-                head = row[self._slices[task]]
-                names = self.classes[self.tasks[task]]
-                best = np.argsort(-head, kind="stable")[:top_k]
-                out[index] = Prediction(
-                    task=self.tasks[task], task_index=task, class_index=cls, class_name=names[cls], score=score,
-                    confidence=class_confidence(head, cls),
-                    top_k=[(names[i], float(head[i])) for i in best], task_set=tuple(self.tasks[t] for t in task_set),
-                    probs={name: float(p) for name, p in zip(self.tasks, probs[index])})
+            step = batch_size or len(indices)
+            for start in range(0, len(indices), step):
+                chunk = indices[start:start + step]
+                logits = self.logits(pixel_values[chunk], task_set, form)
+                for row, index in zip(logits, chunk):
+                    out[index] = self._prediction(row, task_set, None if probs is None else probs[index], top_k)
         return out
+
+    def _prediction(self, row: np.ndarray, task_set: tuple[int, ...], probs, top_k: int) -> Prediction:
+        position, cls, score = pick_heads([row[self._slices[t]] for t in task_set])
+        task = task_set[position]
+        head = row[self._slices[task]]
+        names = self.classes[self.tasks[task]]
+        best = np.argsort(-head, kind="stable")[:top_k]
+        return Prediction(task=self.tasks[task], task_index=task, class_index=cls, class_name=names[cls], score=score,
+                          confidence=class_confidence(head, cls), top_k=[(names[i], float(head[i])) for i in best],
+                          task_set=tuple(self.tasks[t] for t in task_set),
+                          probs={} if probs is None else {name: float(p) for name, p in zip(self.tasks, probs)})
 
     def _prepare(self, item):
         path = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
@@ -255,34 +405,66 @@ class MassRuntime:
                 raise
             return None, path, f"preprocessing failed ({type(error).__name__}: {error})", None
 
-    def classify_batches(self, items: Iterable, batch_size: int = 16, top_k: int = 5) -> Iterator[list[Prediction]]:
-        """Predictions batch by batch, in input order; the next batch is decoded while this one runs."""
+    def classify_batches(self, items: Iterable, batch_size: int = 16, top_k: int = 5,
+                         window: int | None = None) -> Iterator[list[Prediction]]:
+        """Predictions in input order, ``batch_size`` at a time.
+
+        window: images routed before any second pass (default ``DEFAULT_WINDOW_BATCHES * batch_size``): the
+        window's images are grouped by task set across it, so each set's second pass runs in full batches; at
+        most ``window`` images are held at once (decoded, in flight or awaiting output). ``window=batch_size``
+        is the plain batch-by-batch loop; there, the next batch is decoded while this one runs.
+        """
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1 (got {batch_size})")
+        window = DEFAULT_WINDOW_BATCHES * batch_size if window is None else window
+        if window < 1:
+            raise ConfigError(f"window must be >= 1 (got {window})")
         items = iter(items)
         with ThreadPoolExecutor(self.loader_threads) as pool:
-            pending = None
+            if window <= batch_size:
+                yield from self._batch_by_batch(items, batch_size, top_k, pool)
+                return
             while True:
-                chunk = list(itertools.islice(items, batch_size))
-                submitted = [pool.submit(self._prepare, item) for item in chunk]
-                if pending:
-                    yield self._classify_prepared([future.result() for future in pending], top_k)
-                if not submitted:
+                chunk = list(itertools.islice(items, window))
+                if not chunk:
                     return
-                pending = submitted
+                predictions = self._classify_prepared(list(pool.map(self._prepare, chunk)), top_k, batch_size)
+                del chunk
+                for start in range(0, len(predictions), batch_size):
+                    yield predictions[start:start + batch_size]
 
-    def _classify_prepared(self, prepared, top_k: int) -> list[Prediction]:
+    def _batch_by_batch(self, items, batch_size: int, top_k: int, pool) -> Iterator[list[Prediction]]:
+        pending = None
+        while True:
+            chunk = list(itertools.islice(items, batch_size))
+            submitted = [pool.submit(self._prepare, item) for item in chunk]
+            if pending:
+                yield self._classify_prepared([future.result() for future in pending], top_k, batch_size)
+            if not submitted:
+                return
+            pending = submitted
+
+    def _classify_prepared(self, prepared, top_k: int, batch_size: int) -> list[Prediction]:
         good = [i for i, (pixels, *_rest) in enumerate(prepared) if pixels is not None]
-        results = self.predict(np.stack([prepared[i][0] for i in good]), top_k) if good else []
+        results = []
+        if good:
+            pixels = np.stack([prepared[i][0] for i in good])
+            probs, task_sets = self._route_in_batches(pixels, batch_size)
+            results = self.predict(pixels, top_k, task_sets=task_sets, probs=probs, batch_size=batch_size)
         out = [Prediction(path=path, error=error, warning=warning) for _, path, error, warning in prepared]
         for i, prediction in zip(good, results):
             prediction.path, prediction.warning = prepared[i][1], prepared[i][3]
             out[i] = prediction
         return out
 
-    def classify(self, items: Iterable, batch_size: int = 16, top_k: int = 5) -> list[Prediction]:
+    def _route_in_batches(self, pixels: np.ndarray, batch_size: int):
+        routed = [self.route(pixels[start:start + batch_size]) for start in range(0, len(pixels), batch_size)]
+        return np.concatenate([p for p, _ in routed]), [s for _, sets in routed for s in sets]
+
+    def classify(self, items: Iterable, batch_size: int = 16, top_k: int = 5,
+                 window: int | None = None) -> list[Prediction]:
         """One Prediction per item (a path, a PIL image or an HWC uint8 array), in order.
 
         A path that cannot be read gives a Prediction with ``error`` set; the other items are still classified.
         """
-        return [p for batch in self.classify_batches(items, batch_size, top_k) for p in batch]
+        return [p for batch in self.classify_batches(items, batch_size, top_k, window) for p in batch]

@@ -1,0 +1,170 @@
+"""The second pass at speed: the low-rank graph equals the dense path and the torch reference; window scheduling
+keeps input order and holds at most a window of images; a task-set miss never blocks a concurrent hit; the
+planner's rent-or-buy rule. Real ONNX Runtime sessions on a small real build. Max differences print with -s."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from _tinybuild import make_tiny_build, sample_images
+from mass_export.runtime import MassRuntime, load_image
+from mass_export.runtime.planner import SecondPassPlanner
+
+WAIT = 120  # seconds: only a guard against a hang, never a timing assertion
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    return make_tiny_build(tmp_path_factory.getbasetemp() / "runtime_tiny_build")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return sample_images(tmp_path_factory.getbasetemp() / "runtime_images")
+
+
+@pytest.fixture(scope="module")
+def pixels(tiny_build, images):
+    runtime = MassRuntime.load(tiny_build, threads=1, second_pass="dense")
+    return np.stack([runtime.preprocessor(load_image(p).image) for p in images])
+
+
+def test_lowrank_graph_equals_dense_path_and_torch_reference(tiny_build, images, pixels):
+    import torch
+
+    from mass_export.merging.stored import reference_from_build
+
+    dense = MassRuntime.load(tiny_build, threads=1, second_pass="dense")
+    lowrank = MassRuntime.load(tiny_build, threads=1, second_pass="lowrank")
+    assert "lowrank" in lowrank.runners and "lowrank" not in dense.runners
+    expected = reference_from_build(tiny_build).predict(torch.from_numpy(pixels))
+    sets = {p.task_set for p in expected}
+    assert len(sets) >= 3, "the fixture should exercise several task sets"
+    for batch_size in (1, 4, len(images)):
+        by_form = {name: rt.classify(images, batch_size=batch_size) for name, rt in
+                   (("dense", dense), ("lowrank", lowrank))}
+        for name, got in by_form.items():
+            assert [(p.task_index, p.class_index) for p in got] == [(p.task_index, p.class_index) for p in expected]
+            assert [p.task_set for p in got] == [tuple(dense.tasks[t] for t in p.task_set) for p in expected]
+            worst = max(abs(g.score - e.score) for g, e in zip(got, expected))
+            print(f"{name} vs torch reference, batch {batch_size}: max |winning logit diff| {worst:.2e}")
+            assert worst < 1e-4
+    reference = reference_from_build(tiny_build)
+    heads = torch.from_numpy(load_file(str(tiny_build / "heads.safetensors"))["heads"])
+    worst = {"lowrank-dense": 0.0, "lowrank-reference": 0.0}
+    for task_set in sets | {(0, 1, 2), (0, 1, 2, 3)}:
+        low = lowrank.logits(pixels, task_set)
+        worst["lowrank-dense"] = max(worst["lowrank-dense"], float(np.abs(low - dense.logits(pixels, task_set)).max()))
+        features = reference.encode(torch.from_numpy(pixels), task_set)
+        ref = torch.nn.functional.normalize(features, dim=-1) @ heads.T
+        worst["lowrank-reference"] = max(worst["lowrank-reference"], float(np.abs(low - ref.numpy()).max()))
+    print(f"all logits, every routed set plus (0,1,2), (0,1,2,3): max |diff| {worst}")
+    assert max(worst.values()) < 1e-4
+    assert lowrank.stats()["second_pass"]["choices"]["lowrank"] > 0
+    assert lowrank.stats()["cache"]["dense_sets"] == 0  # the low-rank form never densified a set
+
+
+def test_planner_rents_then_buys():
+    planner = SecondPassPlanner("auto")
+    planner.observe_dense(images=4, seconds=0.5)  # 0.125 s per image (binary-exact numbers)
+    planner.observe_lowrank(task_set_size=1, images=4, seconds=0.75)  # +0.0625 s per image and task
+    planner.observe_product(task_set_size=1, seconds=0.375)  # densifying: 0.375 s per task
+    assert planner.choose((0, 1), 2, dense_cached=False, dense_in_flight=False) == "lowrank"  # paid 0.25 of 0.75
+    assert planner.choose((0, 1), 2, dense_cached=False, dense_in_flight=False) == "lowrank"  # paid 0.5 of 0.75
+    assert planner.choose((0, 1), 2, dense_cached=False, dense_in_flight=False) == "dense"  # 0.75: buy
+    assert planner.choose((2,), 16, dense_cached=False, dense_in_flight=False) == "dense"  # 1.0 >= 0.375 at once
+    assert planner.choose((3,), 16, dense_cached=False, dense_in_flight=True) == "lowrank"  # never wait
+    assert planner.choose((3,), 1, dense_cached=True, dense_in_flight=False) == "dense"
+    assert planner.info()["choices"] == {"dense_cached": 1, "dense_prepared": 2, "lowrank": 3}
+    assert SecondPassPlanner("auto", lowrank_available=False).form == "dense"
+
+
+def test_window_keeps_input_order_and_holds_at_most_a_window(tiny_build, images):
+    runtime = MassRuntime.load(tiny_build, threads=1)
+    items = list(images) * 3  # 30 images, several task sets
+    expected = runtime.classify(items, batch_size=4, window=4)  # batch by batch
+    drawn, emitted, held = [0], [0], []
+
+    def stream():
+        for item in items:
+            drawn[0] += 1
+            yield item
+
+    calls = []
+    for name in ("encoder", "lowrank"):
+        runner = runtime.runners[name]
+        runner.run = (lambda original: lambda feeds, keep=(): calls.append(len(feeds["pixel_values"]))
+                      or original(feeds, keep))(runner.run)
+    try:
+        got = []
+        for batch in runtime.classify_batches(stream(), batch_size=4, window=11):
+            held.append(drawn[0] - emitted[0])
+            emitted[0] += len(batch)
+            got += batch
+    finally:
+        for name in ("encoder", "lowrank"):
+            del runtime.runners[name].run
+    assert [p.path for p in got] == [str(p) for p in items]
+    assert [(p.task, p.class_name, p.task_set) for p in got] == [(p.task, p.class_name, p.task_set) for p in expected]
+    print(f"window 11, batch 4: images held when each batch was emitted {held}")
+    assert max(held) <= 11 and max(held) > 4
+    # Grouped across the window: one second pass per task set per window (groups of <= 4 run whole) ...
+    windows = [items[i:i + 11] for i in range(0, len(items), 11)]
+    sets = {p.path: p.task_set for p in got}
+    groups = [sum(-(-sum(sets[str(i)] == s for i in w) // 4) for s in {sets[str(i)] for i in w}) for w in windows]
+    assert len(calls) == sum(groups) and sum(calls) == len(items)
+    assert all(size <= 4 for size in calls)
+
+
+class PacedRuntime(MassRuntime):
+    """Preparation of one chosen task set waits for a signal: a real preparation, held open by the test."""
+
+    slow_set: tuple = (1, 2)
+
+    def __init__(self, *args, **kwargs):
+        self.events: list[str] = []
+        self.started, self.release = threading.Event(), threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def prepare_task_set(self, task_set):
+        if task_set == self.slow_set:
+            self.events.append("slow preparation started")
+            self.started.set()
+            assert self.release.wait(WAIT)
+        weights = super().prepare_task_set(task_set)
+        if task_set == self.slow_set:
+            self.events.append("slow preparation done")
+        return weights
+
+
+def test_a_miss_does_not_block_a_concurrent_hit(tiny_build, pixels):
+    runtime = PacedRuntime.load(tiny_build, threads=1, second_pass="dense")
+    runtime.warm([(0,)])
+    x = pixels[:2]
+    results = {}
+
+    def slow(name):
+        results[name] = runtime.encode(x, runtime.slow_set)
+        runtime.events.append(f"{name} done")
+
+    miss = threading.Thread(target=slow, args=("miss",))
+    miss.start()
+    assert runtime.started.wait(WAIT)
+    same = threading.Thread(target=slow, args=("same set",))  # wants the set being prepared: waits for it
+    same.start()
+    while runtime.cache.info()["waits"] == 0 and same.is_alive():
+        same.join(0.01)
+    runtime.encode(x, (0,))  # a cached set while the other is being prepared
+    runtime.events.append("hit done")
+    runtime.release.set()
+    miss.join(WAIT)
+    same.join(WAIT)
+    assert runtime.events[:2] == ["slow preparation started", "hit done"]
+    assert runtime.events[2] == "slow preparation done" and set(runtime.events[3:]) == {"miss done", "same set done"}
+    info = runtime.cache.info()
+    assert info["waits"] == 1 and info["preparations"] == 2 and info["hits"] >= 1  # (0,) and the slow set, once
+    np.testing.assert_array_equal(results["miss"], results["same set"])
