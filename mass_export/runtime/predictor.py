@@ -67,7 +67,7 @@ class MassPredictor:
     """One loaded runtime; ``__call__`` classifies a columnar batch."""
 
     def __init__(self, build, providers=("cpu",), threads: int | None = None, batch_size: int = 16,
-                 top_classes: int = 5, cache_size: int = 4):
+                 top_classes: int = 5, cache_size: int | None = None):
         self.runtime = MassRuntime.load(build, providers=providers, threads=threads, cache_size=cache_size)
         self.batch_size, self.top_classes = batch_size, top_classes
 
