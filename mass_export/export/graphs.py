@@ -121,6 +121,9 @@ def export_heads(heads: torch.Tensor, path: Path, opset: int = OPSET) -> dict:
     return {"inputs": ["image_features", "heads"], "outputs": ["logits"]}
 
 
+GRAPH_NAMES = ("prefix", "router", "encoder", "heads", "lowrank")
+
+
 def export_all(visual, pretrained: dict, basis: torch.Tensor, heads: torch.Tensor, method, out_dir: Path,
                opset: int = OPSET, progress=None) -> dict:
     """Write graphs/{prefix,router,encoder,heads,lowrank}.onnx under out_dir; returns manifest["graphs"]."""
@@ -133,6 +136,7 @@ def export_all(visual, pretrained: dict, basis: torch.Tensor, heads: torch.Tenso
         "heads": lambda p: export_heads(heads, p, opset),
         "lowrank": lambda p: export_lowrank(visual, pretrained, method.split_qkv, p, opset),
     }
+    assert tuple(jobs) == GRAPH_NAMES
     records = {}
     for name, job in jobs.items():
         path = graphs_dir / f"{name}.onnx"

@@ -287,9 +287,9 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
         offset += int(head.shape[0])
     graphs = {}
     if cfg.export:
-        from mass_export.export.graphs import export_all
+        from mass_export.export.graphs import GRAPH_NAMES, export_all
 
-        with tqdm(total=4, desc="exporting ONNX graphs", unit="graph", disable=not cfg.progress) as bar:
+        with tqdm(total=len(GRAPH_NAMES), desc="exporting ONNX graphs", unit="graph", disable=not cfg.progress) as bar:
             graphs = export_all(pm.model.visual, loaded.visual_pre, loaded.factors.V[router_basis_key(method.routing_layer)],
                                 torch.cat(loaded.heads), method, stage, cfg.opset, progress=lambda _: bar.update())
     ranks = {key: int(U.shape[-1]) for key, U in loaded.factors.U.items()}
