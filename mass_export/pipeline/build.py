@@ -26,6 +26,11 @@ from mass_export.merging.reference import MassReference, Method, router_basis_ke
 from mass_export.pipeline.config import BuildConfig  # noqa: F401  (part of this module's API)
 
 
+# Dense task-set weight sets the validation's reference keeps (theta_MT aside): the build's memory stays one
+# tower plus the stored factors, not a tower per task set met.
+REFERENCE_WEIGHT_SETS = 2
+
+
 class BuildWarning(UserWarning):
     """Something the build did that the user may not expect (e.g. classes shown as indices); the CLI prints it."""
 
@@ -45,6 +50,7 @@ class Loaded:
     notes: list[str] = field(default_factory=list)  # the warnings given, kept in the manifest
 
     def reference(self, cache_size: int = 4) -> MassReference:
+        """The torch reference; ``cache_size`` dense task-set weight sets (a tower each) kept merged."""
         return MassReference(self.pretrained.model.visual, self.visual_pre, self.factors, self.bases, self.heads,
                              self.method, cache_size)
 
@@ -331,7 +337,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         if cfg.export and cfg.validate:
             from mass_export.export.validate import validate_build
 
-            report = validate_build(stage, loaded.reference(), atol=cfg.atol, images=cfg.validation_images,
+            report = validate_build(stage, loaded.reference(cache_size=REFERENCE_WEIGHT_SETS), atol=cfg.atol, images=cfg.validation_images,
                                     progress=cfg.progress)
             manifest = update_manifest(stage, validation=report)
         manifest = update_manifest(stage, build_seconds=round(time.perf_counter() - started, 2))
