@@ -63,14 +63,21 @@ def validate_build(root: Path, reference, atol: float = options.default("atol"),
     root = Path(root)
     manifest = read_manifest(root)
     pixels = pixel_batch((list(images) or sample_photos())[:sum(batch_sizes)], manifest["model"])
+    setup = tqdm(total=3, desc="validation: loading the build", unit="step", disable=not progress)
     stored = StoredTasks.from_flat(load_file(str(root / "pretrained.safetensors")),
                                    load_file(str(root / "factors.safetensors")),
                                    load_file(str(root / "deltas.safetensors")), manifest["method"]["alpha"])
     heads = load_file(str(root / "heads.safetensors"))["heads"]
+    setup.update()
+    setup.set_description("validation: ONNX Runtime sessions")
     graphs = {name: _session(root, record) for name, record in manifest["graphs"].items()}
+    setup.update()
+    setup.set_description("validation: theta_MT (Gram form)")
     every = range(stored.num_tasks)
     theta_mt = (stored.pretrained if manifest["method"]["router_on"] == "pretrained"
                 else task_set_weights(stored, every, keys=manifest["graphs"]["prefix"]["inputs"], base=True))
+    setup.update()
+    setup.close()
     layer = manifest["method"]["routing_layer"]
     basis = stored.factors[f"transformer.resblocks.{layer}.mlp.c_fc.weight"]["V"].astype(np.float32)
     diffs = {name: 0.0 for name in ("prefix", "router", "encoder", "heads", "end_to_end")}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from mass_export.core.errors import CheckpointError, ConfigError
 from mass_export.core.taskweights import QKV_PARTS
@@ -216,9 +217,11 @@ def base_tasks(factors: TaskFactors, base: str = "no-redundancy", threshold: flo
 
 
 def merged_tower(pretrained: dict[str, torch.Tensor], factors: TaskFactors, tasks, alpha: float = 1.0,
-                 per_key_tasks: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+                 per_key_tasks: dict[str, list[int]] | None = None, progress: str | None = None
+                 ) -> dict[str, torch.Tensor]:
     """theta_pre + alpha * TSV-M(tasks) (2-D keys; ``per_key_tasks`` overrides the set per key) and
-    theta_pre + alpha * mean of the tasks' deltas (other keys). Keys are the canonical (fused) ones."""
+    theta_pre + alpha * mean of the tasks' deltas (other keys). Keys are the canonical (fused) ones.
+    ``progress``: a progress bar's title (a real-size theta_MT takes minutes of float64 SVDs)."""
     tasks = list(tasks)
 
     def update(key: str) -> torch.Tensor | None:
@@ -231,7 +234,7 @@ def merged_tower(pretrained: dict[str, torch.Tensor], factors: TaskFactors, task
 
     # Key by key, so at most one float64 update is alive beside the fp32 tower being built.
     out = {}
-    for key, value in pretrained.items():
+    for key, value in tqdm(pretrained.items(), desc=progress, unit="key", disable=progress is None):
         delta = update(key)
         if delta is None and key.endswith("in_proj_weight") and f"{key}.{QKV_PARTS[0]}" in factors.U:
             blocks = [update(f"{key}.{part}") for part in QKV_PARTS]

@@ -49,10 +49,10 @@ class Loaded:
     method: Method
     notes: list[str] = field(default_factory=list)  # the warnings given, kept in the manifest
 
-    def reference(self, cache_size: int = 4) -> MassReference:
+    def reference(self, cache_size: int = 4, progress: bool = False) -> MassReference:
         """The torch reference; ``cache_size`` dense task-set weight sets (a tower each) kept merged."""
         return MassReference(self.pretrained.model.visual, self.visual_pre, self.factors, self.bases, self.heads,
-                             self.method, cache_size)
+                             self.method, cache_size, progress)
 
 
 def note(notes: list[str], message: str) -> None:
@@ -337,7 +337,8 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         if cfg.export and cfg.validate:
             from mass_export.export.validate import validate_build
 
-            report = validate_build(stage, loaded.reference(cache_size=REFERENCE_WEIGHT_SETS), atol=cfg.atol, images=cfg.validation_images,
+            reference = loaded.reference(REFERENCE_WEIGHT_SETS, cfg.progress)
+            report = validate_build(stage, reference, atol=cfg.atol, images=cfg.validation_images,
                                     progress=cfg.progress)
             manifest = update_manifest(stage, validation=report)
         manifest = update_manifest(stage, build_seconds=round(time.perf_counter() - started, 2))
