@@ -75,10 +75,14 @@ def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     dsyevr computes only those (3-4x faster than torch's full eigh here); on a GPU a full batched eigh."""
     if gram.device.type == "cpu":
         import scipy.linalg
+        from threadpoolctl import threadpool_limits
 
         n = gram.shape[-1]
-        values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - rank, n - 1], driver="evr",
-                                            check_finite=True)
+        # scipy's own OpenBLAS ignores torch.set_num_threads: hold it to --threads (2 threads on a busy 2-core
+        # machine made this step 4x slower, benchmarks/README.md).
+        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+            values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - rank, n - 1], driver="evr",
+                                                check_finite=True)
         return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
     values, vectors = torch.linalg.eigh(gram)
     return values[..., -rank:].flip(-1), vectors[..., -rank:].flip(-1)
