@@ -93,7 +93,7 @@ def top_singular_triplets(matrix: torch.Tensor, rank: int, device: str = "cpu"
     """The top-``rank`` factors of ``matrix``'s SVD, fp32 (U (m, k), s (k), V (k, n)), from a float64
     eigen-decomposition of the smaller Gram matrix: G = A^T A = W diag(s^2) W^T, U = A W / s. Same
     factors as ``truncated_svd`` up to each pair's sign (which no product of MASS sees), reconstruction
-    U diag(s) V within 1e-5 of it (tests/test_merge.py), and 5-20x faster on these shapes (benchmarks/)."""
+    U diag(s) V within 1e-5 of it (tests/test_merge.py), and 2-7x faster on most ViT shapes (benchmarks/)."""
     A = matrix.to(device=device, dtype=torch.float64)
     wide = A.shape[0] < A.shape[1]
     if wide:
