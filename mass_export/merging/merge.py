@@ -72,7 +72,8 @@ GRAM_RESOLUTION = 1e-10
 
 def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``rank`` largest eigenpairs of a symmetric float64 matrix, largest first. On the CPU LAPACK's
-    dsyevr computes only those (3-4x faster than torch's full eigh here); on a GPU a full batched eigh."""
+    dsyevr computes only those (the eigen step 3x faster than torch's full eigh on 1024 x 1024); on a GPU,
+    torch's eigh."""
     if gram.device.type == "cpu":
         import scipy.linalg
         from threadpoolctl import threadpool_limits
