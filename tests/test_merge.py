@@ -31,6 +31,57 @@ def test_truncated_svd_is_the_best_rank_k_approximation():
     assert torch.allclose(V[0] @ V[0].T, torch.eye(8), atol=1e-5)
 
 
+def finetune_like_delta(m, n, seed):
+    """A real-size delta with a decaying spectrum plus dense noise (fine-tunes are like this; deltas ~1e-3)."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    left = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
+    spectrum = 0.05 * torch.arange(1, r + 1, dtype=torch.float64) ** -0.7
+    noise = 1e-4 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    return ((left * spectrum) @ right.T + noise).float()
+
+
+# ViT-B-16 (width 768, mlp 3072) at T=8 and ViT-L-14 (width 1024) at T=20: square, tall and wide keys.
+@pytest.mark.parametrize("m,n,num_tasks", [(768, 768, 8), (3072, 768, 8), (768, 3072, 8), (1024, 1024, 20),
+                                           (768, 512, 14)])
+def test_gram_truncation_equals_the_full_svd(m, n, num_tasks):
+    k = merge.truncation_rank((m, n), num_tasks)
+    for seed, delta in enumerate([finetune_like_delta(m, n, 1), torch.randn(m, n, generator=torch.Generator()
+                                                                               .manual_seed(2)) * 1e-3]):
+        U, s, V = merge.top_singular_triplets(delta, k)
+        assert (U.shape, s.shape, V.shape) == ((m, k), (k,), (k, n))
+        assert U.dtype == s.dtype == V.dtype == torch.float32
+        ref = merge.truncated_svd(delta, k)
+        exact = torch.linalg.svd(delta.double(), full_matrices=False)
+        exact_rec = (exact.U[:, :k] * exact.S[:k]) @ exact.Vh[:k]
+        ours = (U.double() * s.double()) @ V.double()
+        diff = float((ours - ((ref[0].double() * ref[1].double()) @ ref[2].double())).abs().max())
+        diff64 = float((ours - exact_rec).abs().max())
+        print(f"{m}x{n} T={num_tasks} k={k} delta {seed}: max |Gram - fp32 SVD| = {diff:.2e}, "
+              f"max |Gram - fp64 SVD| = {diff64:.2e} (max |delta_k| {float(exact_rec.abs().max()):.1e})")
+        assert np.isfinite(diff) and diff <= 1e-5
+        assert diff64 <= 1e-5
+        assert float((s.double() - exact.S[:k]).abs().max()) <= 1e-6 * float(exact.S[0])
+        assert torch.allclose(U.T @ U, torch.eye(k), atol=1e-5) and torch.allclose(V @ V.T, torch.eye(k), atol=1e-5)
+
+
+def test_gram_truncation_of_a_rank_deficient_update_stays_orthonormal():
+    delta = torch.zeros(96, 64)
+    delta[:3] = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))  # rank 3 < k = 8
+    U, s, V = merge.top_singular_triplets(delta, 8)
+    assert torch.allclose(U.T @ U, torch.eye(8), atol=1e-5) and torch.allclose(V @ V.T, torch.eye(8), atol=1e-5)
+    assert torch.allclose((U * s) @ V, delta, atol=1e-5)
+    assert merge.truncate_task({"w": torch.zeros(32, 16)}, 4)["w"][1].abs().max() == 0
+
+
+def test_non_finite_update_names_the_key():
+    from mass_export.core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="blocks.0.w: the task update is not finite"):
+        merge.truncate_task({"blocks.0.w": torch.full((8, 4), float("nan"))}, 2)
+
+
 @pytest.mark.parametrize("num_tasks,m,n,k", [(2, 64, 64, 32), (3, 96, 32, 10), (8, 48, 48, 6), (4, 40, 24, 6)])
 def test_gram_form_equals_polar_form(num_tasks, m, n, k):
     _, U, s, V = random_factors(num_tasks, m, n, k)

@@ -125,6 +125,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            within(*OPSETS)),
     Option("threads", int, None, "torch threads for the SVDs, export and validation (default: torch's). On a busy "
            "2-core machine 1 is several times faster than 2.", at_least(1)),
+    Option("device", str, "cpu", "Where the truncation's float64 eigen-decompositions run: cuda when torch sees a "
+           "GPU (the rest of the build stays on the CPU).", choices=("cpu", "cuda")),
     Option("storage_dtype", str, "fp32", "Precision of the stored per-task factors and deltas (theta_pre stays "
            "fp32). fp16 halves them; see the README for its measured accuracy effect.", choices=("fp32", "fp16")),
     Option("validation_images", "paths", (), "Images (or folders of them) for validation (default: "

@@ -22,7 +22,11 @@ from mass_export.core.manifest import read_manifest
 from mass_export.runtime.images import sample_photos
 from mass_export.core.taskweights import StoredTasks, low_rank_inputs, task_set_weights
 
-BATCH_SIZES = (1, 3, 8)
+# One batch per size, each of its own photos (1 + 3 = 4 images): every graph is compared at two batch sizes, and a
+# real-size build validates in a small fraction of its build time (each image costs several tower passes).
+BATCH_SIZES = (1, 3)
+# Dense weight sets (a tower each) held at once by the validation; the reference holds one more (build.py).
+WEIGHT_SETS_HELD = 1
 
 
 def pixel_batch(images, preprocess: dict) -> torch.Tensor:
@@ -93,15 +97,22 @@ def validate_build(root: Path, reference, atol: float = options.default("atol"),
     """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure."""
     root = Path(root)
     manifest = read_manifest(root)
-    pixels = pixel_batch(list(images) or sample_photos(), manifest["model"])
+    pixels = pixel_batch((list(images) or sample_photos())[:sum(batch_sizes)], manifest["model"])
+    setup = tqdm(total=3, desc="validation: loading the build", unit="step", disable=not progress)
     stored = StoredTasks.from_flat(load_file(str(root / "pretrained.safetensors")),
                                    load_file(str(root / "factors.safetensors")),
                                    load_file(str(root / "deltas.safetensors")), manifest["method"]["alpha"])
     heads = load_file(str(root / "heads.safetensors"))["heads"]
+    setup.update()
+    setup.set_description("validation: ONNX Runtime sessions")
     graphs = {name: _session(root, record) for name, record in manifest["graphs"].items()}
+    setup.update()
+    setup.set_description("validation: theta_MT (Gram form)")
     every = range(stored.num_tasks)
     theta_mt = (stored.pretrained if manifest["method"]["router_on"] == "pretrained"
                 else task_set_weights(stored, every, keys=manifest["graphs"]["prefix"]["inputs"], base=True))
+    setup.update()
+    setup.close()
     layer = manifest["method"]["routing_layer"]
     basis = stored.factors[f"transformer.resblocks.{layer}.mlp.c_fc.weight"]["V"].astype(np.float32)
     diffs = {name: 0.0 for name in ("prefix", "router", "encoder", "heads", "end_to_end")}
@@ -110,7 +121,8 @@ def validate_build(root: Path, reference, atol: float = options.default("atol"),
         diffs["lowrank"] = 0.0
     mismatched_sets, mismatched_predictions, weight_cache = [], [], {}
     eta, top_k = manifest["method"]["eta"], manifest["method"]["top_k"]
-    steps = [(b, s) for b in batch_sizes for s in range(0, len(pixels), b)]
+    starts = [sum(batch_sizes[:i]) for i in range(len(batch_sizes))]
+    steps = [(b, s if s + b <= len(pixels) else 0) for b, s in zip(batch_sizes, starts)]  # few images given: reuse
     for batch_size, start in tqdm(steps, desc="validating graphs", unit="batch", disable=not progress):
         x = pixels[start:start + batch_size]
         feeds = {"pixel_values": x.numpy()}
@@ -128,7 +140,7 @@ def validate_build(root: Path, reference, atol: float = options.default("atol"),
         ref_predictions = reference.predict(x)
         for task_set, indices in group_by_task_set(ref_sets).items():
             if task_set not in weight_cache:
-                if len(weight_cache) >= 2:  # a real-size tower per entry: keep memory bounded
+                if len(weight_cache) >= WEIGHT_SETS_HELD:  # a real-size tower per entry: keep memory bounded
                     weight_cache.pop(next(iter(weight_cache)))
                 weight_cache[task_set] = task_set_weights(stored, task_set)
             features = _run(graphs["encoder"], {"pixel_values": x[indices].numpy(), **weight_cache[task_set]})[0]

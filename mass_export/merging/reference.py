@@ -66,13 +66,15 @@ class MassReference:
     """Two passes: route on theta_MT with early exit, then classify with theta(S) for the selected set S."""
 
     def __init__(self, visual: torch.nn.Module, pretrained: dict[str, torch.Tensor], factors: TaskFactors,
-                 bases: dict[str, list[int]], heads: list[torch.Tensor], method: Method, cache_size: int = 4):
+                 bases: dict[str, list[int]], heads: list[torch.Tensor], method: Method, cache_size: int = 4,
+                 progress: bool = False):
         self.pretrained, self.factors, self.heads, self.method = pretrained, factors, heads, method
         self.num_tasks = factors.num_tasks
         self.prefix = RoutePrefix(visual, method.routing_layer).eval()
         self.full = FullTower(visual).eval()
         self.theta_mt = (pretrained if method.router_on == "pretrained" else
-                         merged_tower(pretrained, factors, range(self.num_tasks), method.alpha, bases))
+                         merged_tower(pretrained, factors, range(self.num_tasks), method.alpha, bases,
+                                      progress="reference: merging theta_MT" if progress else None))
         self.basis = factors.V[router_basis_key(method.routing_layer)]
         self.cache: OrderedDict[tuple, dict] = OrderedDict()
         self.cache_size = cache_size

@@ -22,9 +22,14 @@ from mass_export.core.manifest import staged_directory, update_manifest, write_m
 from mass_export.core.outputs import locked, refuse_overlap
 from mass_export.merging import checkpoints as ckpt
 from mass_export.merging.zeroshot import tokenizer_for, zero_shot_head
-from mass_export.merging.merge import TaskFactors, base_tasks, factors_to_flat, stack_tasks, task_delta, truncate_task
+from mass_export.merging.merge import TaskFactors, base_tasks, empty_factors, factors_to_flat, put_task, truncate_task
 from mass_export.merging.reference import MassReference, Method, router_basis_key
 from mass_export.pipeline.config import BuildConfig  # noqa: F401  (part of this module's API)
+
+
+# Dense task-set weight sets the validation's reference keeps (theta_MT aside): the build's memory stays one
+# tower plus the stored factors, not a tower per task set met.
+REFERENCE_WEIGHT_SETS = 2
 
 
 class BuildWarning(UserWarning):
@@ -45,9 +50,10 @@ class Loaded:
     method: Method
     notes: list[str] = field(default_factory=list)  # the warnings given, kept in the manifest
 
-    def reference(self, cache_size: int = 4) -> MassReference:
+    def reference(self, cache_size: int = 4, progress: bool = False) -> MassReference:
+        """The torch reference; ``cache_size`` dense task-set weight sets (a tower each) kept merged."""
         return MassReference(self.pretrained.model.visual, self.visual_pre, self.factors, self.bases, self.heads,
-                             self.method, cache_size)
+                             self.method, cache_size, progress)
 
 
 def note(notes: list[str], message: str) -> None:
@@ -166,6 +172,8 @@ def load(cfg: BuildConfig) -> Loaded:
         raise ConfigError(f"--routing-layer {cfg.routing_layer}: the tower has blocks 0..{depth - 1}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     notes: list[str] = []
     checkpoints = Path(cfg.checkpoints) if cfg.checkpoints else None
     model_stem = Path(cfg.model).stem if cfg.model.endswith(".json") else cfg.model
@@ -184,12 +192,16 @@ def load(cfg: BuildConfig) -> Loaded:
     heads, classes = load_heads(pretrained, tasks, checkpoints, cfg, paths, notes)  # cheap, and fails early
     visual_pre = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
                   for k, v in ckpt.visual_state(pretrained.model).items()}
-    parts = []
-    for task in tqdm(tasks, desc="truncating task updates", unit="task", disable=not cfg.progress):
-        finetuned = ckpt.load_visual(paths[task], visual_pre, pretrained.quick_gelu)
-        parts.append(truncate_task(task_delta(visual_pre, finetuned), len(tasks), cfg.rank, cfg.split_qkv))
-        del finetuned
-    factors = stack_tasks(parts)
+    factors = None
+    # One fine-tune in memory at a time, its delta made in place, its factors written straight into the
+    # preallocated stacks: the peak is the towers plus the stored factors, whatever the number of tasks.
+    for index, task in enumerate(tqdm(tasks, desc="truncating task updates", unit="task", disable=not cfg.progress)):
+        delta = delta_in_place(ckpt.load_visual(paths[task], visual_pre, pretrained.quick_gelu), visual_pre)
+        part = truncate_task(delta, len(tasks), cfg.rank, cfg.split_qkv, cfg.device)
+        del delta
+        factors = factors if factors is not None else empty_factors(part, len(tasks))
+        put_task(factors, index, part)
+        del part
     if cfg.storage_dtype == "fp16":
         # Round now, so the reference, the validation and the runtime all see exactly what is stored.
         factors = round_to_half(factors)
@@ -197,6 +209,19 @@ def load(cfg: BuildConfig) -> Loaded:
     if router_basis_key(layer) not in factors.V:
         raise ConfigError(f"no stored factors for {router_basis_key(layer)}")
     return Loaded(pretrained, tasks, visual_pre, factors, bases, heads, classes, method, notes)
+
+
+def delta_in_place(finetuned: dict[str, torch.Tensor], pretrained: dict[str, torch.Tensor]) -> dict:
+    """theta_ft - theta_pre (merge.task_delta's result) computed in the fine-tune's own fp32 tensors."""
+    out = {}
+    for key, value in pretrained.items():
+        if value.is_floating_point():
+            tuned = finetuned.pop(key)
+            if tuned.dtype != torch.float32 or tuned.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+                out[key] = tuned.float() - value  # a key the checkpoint lacks is the pretrained tensor itself
+            else:
+                out[key] = tuned.sub_(value)
+    return out
 
 
 def round_to_half(factors: TaskFactors) -> TaskFactors:
@@ -333,7 +358,8 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         if cfg.export and cfg.validate:
             from mass_export.export.validate import validate_build
 
-            report = validate_build(stage, loaded.reference(), atol=cfg.atol, images=cfg.validation_images,
+            reference = loaded.reference(REFERENCE_WEIGHT_SETS, cfg.progress)
+            report = validate_build(stage, reference, atol=cfg.atol, images=cfg.validation_images,
                                     progress=cfg.progress)
             manifest = update_manifest(stage, validation=report)
         manifest = update_manifest(stage, build_seconds=round(time.perf_counter() - started, 2))

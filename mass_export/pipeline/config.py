@@ -68,6 +68,7 @@ class BuildConfig:
     atol: float = options.field("atol")
     opset: int = options.field("opset")
     threads: int | None = options.field("threads")
+    device: str = options.field("device")
     storage_dtype: str = options.field("storage_dtype")
     validation_images: list[Path] = options.field("validation_images")
     progress: bool = options.field("progress")
