@@ -108,6 +108,10 @@ def test_predictor_columns_equal_the_runtime_rows_without_ray(tiny_build, images
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images[:3]]
     columns = predictor({"image": np.asarray(arrays + [arrays[0]], dtype=object), "id": np.asarray(list("abcd"))})
     assert list(columns["id"]) == list("abcd") and list(columns["class"][:3]) == [r["class"] for r in expected[:3]]
+    named = predictor.runtime.classify(arrays, ids=["frame-1", "frame-2", 3])
+    assert [p.id for p in named] == ["frame-1", "frame-2", "3"] and all(p.path is None for p in named)
+    with pytest.raises(ValueError, match="2 ids for 3 items"):
+        predictor.runtime.classify(arrays, ids=["a", "b"])
 
 
 def test_ray_local_cluster_writes_the_same_rows_as_a_local_run(tiny_build, folder, tmp_path):

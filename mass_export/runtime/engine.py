@@ -462,9 +462,17 @@ class MassRuntime:
         return np.concatenate([p for p, _ in routed]), [s for _, sets in routed for s in sets]
 
     def classify(self, items: Iterable, batch_size: int = 16, top_k: int = 5,
-                 window: int | None = None) -> list[Prediction]:
-        """One Prediction per item (a path, a PIL image or an HWC uint8 array), in order.
+                 window: int | None = None, ids: Iterable | None = None) -> list[Prediction]:
+        """One Prediction per item (a path, encoded bytes, a PIL image or an HWC uint8 array), in order.
 
         A path that cannot be read gives a Prediction with ``error`` set; the other items are still classified.
+        ids: the caller's name for each item (in-memory items have no path), set as ``Prediction.id``.
         """
-        return [p for batch in self.classify_batches(items, batch_size, top_k, window) for p in batch]
+        predictions = [p for batch in self.classify_batches(items, batch_size, top_k, window) for p in batch]
+        if ids is not None:
+            ids = [None if i is None else str(i) for i in ids]
+            if len(ids) != len(predictions):
+                raise ValueError(f"{len(ids)} ids for {len(predictions)} items")
+            for prediction, name in zip(predictions, ids):
+                prediction.id = name
+        return predictions

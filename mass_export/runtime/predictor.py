@@ -31,12 +31,11 @@ COLUMNS = ("path", "id", "task", "class", "score", "confidence", "top_k", "task_
 NESTED = ("top_k", "task_probs")
 
 
-def prediction_columns(predictions: list[Prediction], ids=None) -> dict[str, np.ndarray]:
+def prediction_columns(predictions: list[Prediction]) -> dict[str, np.ndarray]:
     """Predictions as columns (see the module docstring)."""
-    rows = [p.to_row() for p in predictions]
     columns: dict[str, list] = {name: [] for name in COLUMNS}
-    for index, row in enumerate(rows):
-        row = {**row, "id": None if ids is None else ids[index]}
+    for prediction in predictions:
+        row = {**prediction.to_row(), "id": prediction.id}
         for name in COLUMNS:
             value = row.get(name)
             if name in NESTED:
@@ -78,9 +77,9 @@ class MassPredictor:
             items = [np.asarray(item) for item in batch["image"]]
         else:
             raise ConfigError(f"MassPredictor needs a 'bytes' or an 'image' column; got {sorted(batch)}")
-        predictions = self.runtime.classify(items, batch_size=self.batch_size, top_k=self.top_classes)
+        predictions = self.runtime.classify(items, batch_size=self.batch_size, top_k=self.top_classes,
+                                            ids=batch.get("id"))
         paths = batch.get("path")
         for index, prediction in enumerate(predictions):
             prediction.path = None if paths is None else str(paths[index])
-        ids = batch.get("id")
-        return prediction_columns(predictions, None if ids is None else [str(i) for i in ids])
+        return prediction_columns(predictions)
