@@ -2,6 +2,21 @@
 
 import pytest
 
+from _tinybuild import make_tiny_build, sample_images
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory):
+    """A small real build (random tiny open_clip CLIP, 4 tasks) made by the real pipeline, shared by the runtime
+    tests."""
+    return make_tiny_build(tmp_path_factory.getbasetemp() / "runtime_tiny_build")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Real photos (scikit-image samples) as files, plus two odd sizes."""
+    return sample_images(tmp_path_factory.getbasetemp() / "runtime_images")
+
 
 @pytest.fixture(scope="session")
 def zoo_build(tmp_path_factory):

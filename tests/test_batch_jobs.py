@@ -11,22 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _tinybuild import make_tiny_build, sample_images
 from mass_export.runtime import MassRuntime
 from mass_export.runtime.images import PathProblem
 from mass_export.runtime.predictor import MassPredictor, row_from_columns
 from mass_export.runtime.sources import done_paths, expand_arguments, parse_shard, pending, shard
 from mass_export.core.errors import ConfigError
-
-
-@pytest.fixture(scope="session")
-def tiny_build(tmp_path_factory):
-    return make_tiny_build(tmp_path_factory.getbasetemp() / "runtime_tiny_build")
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory):
-    return sample_images(tmp_path_factory.getbasetemp() / "runtime_images")
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 from PIL import Image
 
-from _tinybuild import make_tiny_build, sample_images
+from _tinybuild import make_tiny_build
 from mass_export.core.errors import BuildIntegrityError, ConfigError, ProviderError
 from mass_export.runtime import MassRuntime, TaskSetCache, OrtRunner, PathProblem, Preprocessor, expand_paths, load_image
 from mass_export.runtime.backends import make_runner
@@ -25,16 +25,6 @@ from mass_export.runtime.images import as_image
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@pytest.fixture(scope="session")
-def tiny_build(tmp_path_factory):
-    return make_tiny_build(tmp_path_factory.getbasetemp() / "runtime_tiny_build")
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory):
-    return sample_images(tmp_path_factory.getbasetemp() / "runtime_images")
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from _tinybuild import make_tiny_build, sample_images
 from mass_export.runtime import MassRuntime, load_image
 from mass_export.runtime.planner import SecondPassPlanner
 
 WAIT = 120  # seconds: only a guard against a hang, never a timing assertion
-
-
-@pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory):
-    return make_tiny_build(tmp_path_factory.getbasetemp() / "runtime_tiny_build")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return sample_images(tmp_path_factory.getbasetemp() / "runtime_images")
 
 
 @pytest.fixture(scope="module")
