@@ -88,7 +88,7 @@ def output_row(prediction) -> dict:
     row.update(path=path, error=printable(row["error"]), warning="; ".join(notes) or None)
     scores = ([row["score"], row["confidence"]] + [score for _, score in row["top_k"]]
               + list(row["task_probs"].values()) if row["score"] is not None else [])
-    if not all(math.isfinite(s) for s in scores):
+    if not all(math.isfinite(s) for s in scores if s is not None):
         row.update(task=None, **{"class": None}, score=None, confidence=None, top_k=[], task_probs={},
                    error="the graphs produced NaN/Inf scores for this image")
     return row

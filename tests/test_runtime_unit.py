@@ -327,7 +327,7 @@ def test_run_command(tiny_build, images, tmp_path):
     assert cache["capacity_bytes"] == 64 << 20 and cache["misses"] >= 1 and cache["bytes"] <= 64 << 20
     assert cache["preparations"] >= 1 and cache["prepare_seconds"] > 0 and sum(summary["second_pass"].values()) >= 2
     lines = out.read_text().splitlines()
-    assert lines[0] == "path,task,class,score,top_k,task_set,error,warning" and len(lines) == 4
+    assert lines[0] == "path,task,class,score,confidence,top_k,task_set,task_probs,error,warning" and len(lines) == 4
 
     result = runner.invoke(main, ["run", str(folder), "--build", str(tiny_build), "--json"])
     assert result.exit_code == 2 and "--output" in result.output
