@@ -586,6 +586,15 @@ def declared_floor(package: str) -> str:
     return next(d.split(">=")[1] for d in deps if d.startswith(package + ">="))
 
 
+def runtime_requirements(floor: str, numpy_spec: str) -> list[str]:
+    """pyproject's runtime dependencies, with onnxruntime pinned at its declared floor and numpy as asked."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {"onnxruntime": f"onnxruntime=={floor}", "numpy": numpy_spec}
+    return [pinned.get(d.split(">=")[0].split("=")[0].strip(), d) for d in deps]
+
+
 PREDICT = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nimport onnxruntime\n"
            "from mass_export.runtime import MassRuntime, expand_paths\n"
            "rows = MassRuntime.load(sys.argv[2], threads=1).classify(expand_paths(sys.argv[3:]), batch_size=4)\n"
@@ -601,8 +610,7 @@ def test_the_declared_onnxruntime_floor_runs_a_build(tiny, images, tmp_path, num
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                              f"onnxruntime=={floor}", numpy_spec, f"protobuf>={declared_floor('protobuf')}",
-                              "pillow", "safetensors"], capture_output=True, text=True, timeout=900)
+                              *runtime_requirements(floor, numpy_spec)], capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-500:]
     args = [str(REPO), str(tiny), *map(str, images)]
     old = subprocess.run([str(python), "-c", PREDICT, *args], capture_output=True, text=True, timeout=600,
