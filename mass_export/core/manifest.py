@@ -31,6 +31,22 @@ DATA_FILES = ("pretrained.safetensors", "factors.safetensors", "deltas.safetenso
               "classes.json")
 
 
+def head_table(classes_per_task: dict[str, int]) -> dict[str, dict]:
+    """The manifest's ``heads`` section: each task's rows in the stacked heads matrix, in task order
+    (``{"offset": first row, "classes": rows}``)."""
+    table, offset = {}, 0
+    for task, classes in classes_per_task.items():
+        table[task] = {"offset": offset, "classes": int(classes)}
+        offset += int(classes)
+    return table
+
+
+def head_slices(manifest: dict) -> list[slice]:
+    """Each task's rows of the stacked heads (and columns of the heads graph's logits), in manifest task order."""
+    records = [manifest["heads"][task] for task in manifest["tasks"]]
+    return [slice(record["offset"], record["offset"] + record["classes"]) for record in records]
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -7,6 +7,7 @@ from stored factors at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,13 @@ from safetensors.numpy import load_file
 from tqdm.auto import tqdm
 
 from mass_export.core import options
+from mass_export.core.compare import Comparison, finite_or_nan, max_abs_diff, worse, worst_per_graph
 from mass_export.core.errors import ValidationError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
-from mass_export.core.manifest import read_manifest
-from mass_export.runtime.images import sample_photos
+from mass_export.core.manifest import head_slices, read_manifest
+from mass_export.core.routing import first_pass_weights, router_basis_key
 from mass_export.core.taskweights import StoredTasks, low_rank_inputs, task_set_weights
+from mass_export.runtime.images import sample_photos
 
 # One batch per size, each of its own photos (1 + 3 = 4 images): every graph is compared at two batch sizes, and a
 # real-size build validates in a small fraction of its build time (each image costs several tower passes).
@@ -41,11 +44,6 @@ def pixel_batch(images, preprocess: dict) -> torch.Tensor:
     return torch.stack([transform(image) for image in loaded])
 
 
-def head_slice(manifest: dict, task_index: int) -> slice:
-    record = manifest["heads"][manifest["tasks"][task_index]]
-    return slice(record["offset"], record["offset"] + record["classes"])
-
-
 def _session(root: Path, record: dict) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -55,20 +53,6 @@ def _session(root: Path, record: dict) -> ort.InferenceSession:
 def _run(session, feeds: dict) -> list[np.ndarray]:
     wanted = {i.name for i in session.get_inputs()}
     return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
-
-
-def max_abs_diff(a, b) -> float:
-    """max |a - b|, NaN when either side holds NaN/Inf anywhere (np.abs(...).max() alone would let an Inf pair
-    through as NaN only by luck, and Python's max() drops NaN: ``max(0.0, nan) == 0.0``)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return float("nan")
-    return float(np.abs(a - b).max()) if a.size else 0.0
-
-
-def worse(current: float, new: float) -> float:
-    """The larger of two differences, NaN as soon as either is NaN (NaN must never pass a check)."""
-    return float("nan") if np.isnan(current) or np.isnan(new) else max(current, new)
 
 
 class _LowRankCheck:
@@ -92,12 +76,41 @@ class _LowRankCheck:
         return _run(self.session, {"pixel_values": pixels, **self.cache[task_set]})[0]
 
 
-def validate_build(root: Path, reference, atol: float = options.default("atol"), images=(), batch_sizes=BATCH_SIZES,
-                   progress: bool = True) -> dict:
-    """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure."""
-    root = Path(root)
+GRAPHS_COMPARED = ("prefix", "router", "encoder", "heads", "end_to_end")
+
+
+@dataclass
+class BuildUnderTest:
+    """What the validation feeds the graphs: the build's stored parts, rebuilt as the runtime rebuilds them."""
+
+    manifest: dict
+    stored: StoredTasks
+    heads: np.ndarray
+    graphs: dict  # name -> ort.InferenceSession
+    theta_mt: dict
+    basis: np.ndarray
+    slices: list[slice]
+    lowrank: _LowRankCheck | None
+    weights: dict = field(default_factory=dict)  # task set -> dense theta(S), at most WEIGHT_SETS_HELD
+
+    def task_set_weights(self, task_set) -> dict:
+        if task_set not in self.weights:
+            if len(self.weights) >= WEIGHT_SETS_HELD:  # a real-size tower per entry: keep memory bounded
+                self.weights.pop(next(iter(self.weights)))
+            self.weights[task_set] = task_set_weights(self.stored, task_set)
+        return self.weights[task_set]
+
+    def heads_logits(self, features) -> np.ndarray:
+        return _run(self.graphs["heads"], {"image_features": features, "heads": self.heads})[0]
+
+    def pick(self, logits_row, task_set) -> tuple[int, int]:
+        """(task, class) the runtime predicts from a row of every head's logits (runtime's pick_heads)."""
+        position, cls, _ = pick_heads([logits_row[self.slices[task]] for task in task_set])
+        return task_set[position], cls
+
+
+def open_build(root: Path, progress: bool) -> BuildUnderTest:
     manifest = read_manifest(root)
-    pixels = pixel_batch((list(images) or sample_photos())[:sum(batch_sizes)], manifest["model"])
     setup = tqdm(total=3, desc="validation: loading the build", unit="step", disable=not progress)
     stored = StoredTasks.from_flat(load_file(str(root / "pretrained.safetensors")),
                                    load_file(str(root / "factors.safetensors")),
@@ -108,80 +121,137 @@ def validate_build(root: Path, reference, atol: float = options.default("atol"),
     graphs = {name: _session(root, record) for name, record in manifest["graphs"].items()}
     setup.update()
     setup.set_description("validation: theta_MT (Gram form)")
-    every = range(stored.num_tasks)
-    theta_mt = (stored.pretrained if manifest["method"]["router_on"] == "pretrained"
-                else task_set_weights(stored, every, keys=manifest["graphs"]["prefix"]["inputs"], base=True))
+    theta_mt = first_pass_weights(manifest["method"]["router_on"], stored.pretrained, lambda: task_set_weights(
+        stored, range(stored.num_tasks), keys=manifest["graphs"]["prefix"]["inputs"], base=True))
     setup.update()
     setup.close()
-    layer = manifest["method"]["routing_layer"]
-    basis = stored.factors[f"transformer.resblocks.{layer}.mlp.c_fc.weight"]["V"].astype(np.float32)
-    diffs = {name: 0.0 for name in ("prefix", "router", "encoder", "heads", "end_to_end")}
+    basis = stored.factors[router_basis_key(manifest["method"]["routing_layer"])]["V"].astype(np.float32)
     lowrank = _LowRankCheck(manifest, stored, graphs) if "lowrank" in graphs else None
-    if lowrank:
-        diffs["lowrank"] = 0.0
-    mismatched_sets, mismatched_predictions, weight_cache = [], [], {}
-    eta, top_k = manifest["method"]["eta"], manifest["method"]["top_k"]
+    return BuildUnderTest(manifest, stored, heads, graphs, theta_mt, basis, head_slices(manifest), lowrank)
+
+
+@dataclass
+class BatchResult:
+    """One batch's comparisons (one per graph) and the images whose task set or prediction differs."""
+
+    comparisons: list[Comparison]
+    mismatched_sets: list[int]
+    mismatched_predictions: list[int]
+
+
+class _Diffs(dict):
+    """graph -> worst difference so far in this batch (NaN-aware)."""
+
+    def note(self, graph: str, value: float) -> None:
+        self[graph] = worse(self.get(graph, 0.0), value)
+
+
+def compare_routing(build: BuildUnderTest, reference, x: torch.Tensor, diffs: _Diffs) -> tuple[list, list]:
+    """The prefix and router graphs against the reference; returns (the graphs' task sets, the reference's)."""
+    feature = _run(build.graphs["prefix"], {"pixel_values": x.numpy(), **build.theta_mt})[0]
+    ref_feature = reference.route_feature(x)
+    diffs.note("prefix", max_abs_diff(feature, ref_feature.numpy()))
+    ref_probs, _, ref_sets = reference.route(x)
+    probs = _run(build.graphs["router"], {"route_feature": ref_feature.numpy(), "router_basis": build.basis})[0]
+    diffs.note("router", max_abs_diff(probs, ref_probs.numpy()))
+    own_probs = _run(build.graphs["router"], {"route_feature": feature, "router_basis": build.basis})[0]
+    diffs.note("router", finite_or_nan(own_probs))  # the graphs' own probabilities decide the task sets
+    manifest = build.manifest
+    own_sets = (select_task_sets(own_probs, manifest["method"]["eta"], manifest["method"]["top_k"])
+                if build.stored.num_tasks > 1 else [(0,)] * len(x))
+    return own_sets, ref_sets
+
+
+def compare_group(build: BuildUnderTest, reference, x: torch.Tensor, task_set, indices, ref_predictions,
+                  diffs: _Diffs) -> list[int]:
+    """The second pass (dense and low-rank encoder graphs) and the heads graph on the images of one task set;
+    returns the indices (within the batch) whose predicted task or class differs from the reference's."""
+    mismatched = []
+    features = _run(build.graphs["encoder"], {"pixel_values": x[indices].numpy(),
+                                              **build.task_set_weights(task_set)})[0]
+    ref_features = reference.encode(x[indices], task_set)
+    diffs.note("encoder", max_abs_diff(features, ref_features.numpy()))
+    expected = [(ref_predictions[index].task_index, ref_predictions[index].class_index) for index in indices]
+    if build.lowrank:
+        low_features = build.lowrank.features(x[indices].numpy(), task_set)
+        diffs.note("lowrank", max_abs_diff(low_features, ref_features.numpy()))
+        low_logits = build.heads_logits(low_features)
+        mismatched += [index for row, index in enumerate(indices)
+                       if build.pick(low_logits[row], task_set) != expected[row]]
+    logits = build.heads_logits(features)
+    diffs.note("heads", finite_or_nan(logits))  # every head's logits, not only the winner's compared below
+    ref_logits = build.heads_logits(ref_features.numpy())
+    torch_logits = torch.nn.functional.normalize(ref_features, dim=-1) @ torch.from_numpy(build.heads).T
+    diffs.note("heads", max_abs_diff(ref_logits, torch_logits.numpy()))
+    for row, index in enumerate(indices):
+        prediction = ref_predictions[index]
+        winner = logits[row][build.slices[prediction.task_index]]
+        diffs.note("end_to_end", max_abs_diff(winner, prediction.logits.numpy()))
+        if build.pick(logits[row], task_set) != expected[row]:
+            mismatched.append(index)
+    return mismatched
+
+
+def compare_batch(build: BuildUnderTest, reference, x: torch.Tensor, atol: float) -> BatchResult:
+    """Every graph on one batch, against the reference, grouped by the reference's task sets."""
+    diffs = _Diffs()
+    own_sets, ref_sets = compare_routing(build, reference, x, diffs)
+    mismatched_sets = [i for i, (a, b) in enumerate(zip(own_sets, ref_sets)) if a != b]
+    ref_predictions = reference.predict(x)
+    mismatched_predictions = []
+    for task_set, indices in group_by_task_set(ref_sets).items():
+        mismatched_predictions += compare_group(build, reference, x, task_set, indices, ref_predictions, diffs)
+    comparisons = [Comparison(graph, len(x), value, atol) for graph, value in diffs.items()]
+    return BatchResult(comparisons, mismatched_sets, mismatched_predictions)
+
+
+def batches(pixels: torch.Tensor, batch_sizes) -> list[tuple[int, int]]:
+    """(size, start) of each batch: consecutive images, or the first ones again when too few were given."""
     starts = [sum(batch_sizes[:i]) for i in range(len(batch_sizes))]
-    steps = [(b, s if s + b <= len(pixels) else 0) for b, s in zip(batch_sizes, starts)]  # few images given: reuse
-    for batch_size, start in tqdm(steps, desc="validating graphs", unit="batch", disable=not progress):
-        x = pixels[start:start + batch_size]
-        feeds = {"pixel_values": x.numpy()}
-        feature = _run(graphs["prefix"], {**feeds, **theta_mt})[0]
-        ref_feature = reference.route_feature(x)
-        diffs["prefix"] = worse(diffs["prefix"], max_abs_diff(feature, ref_feature.numpy()))
-        ref_probs, _, ref_sets = reference.route(x)
-        probs = _run(graphs["router"], {"route_feature": ref_feature.numpy(), "router_basis": basis})[0]
-        diffs["router"] = worse(diffs["router"], max_abs_diff(probs, ref_probs.numpy()))
-        own_probs = _run(graphs["router"], {"route_feature": feature, "router_basis": basis})[0]
-        if not np.isfinite(own_probs).all():  # the graphs' own probabilities decide the task sets
-            diffs["router"] = float("nan")
-        own_sets = select_task_sets(own_probs, eta, top_k) if stored.num_tasks > 1 else [(0,)] * len(x)
-        mismatched_sets += [start + i for i, (a, b) in enumerate(zip(own_sets, ref_sets)) if a != b]
-        ref_predictions = reference.predict(x)
-        for task_set, indices in group_by_task_set(ref_sets).items():
-            if task_set not in weight_cache:
-                if len(weight_cache) >= WEIGHT_SETS_HELD:  # a real-size tower per entry: keep memory bounded
-                    weight_cache.pop(next(iter(weight_cache)))
-                weight_cache[task_set] = task_set_weights(stored, task_set)
-            features = _run(graphs["encoder"], {"pixel_values": x[indices].numpy(), **weight_cache[task_set]})[0]
-            ref_features = reference.encode(x[indices], task_set)
-            diffs["encoder"] = worse(diffs["encoder"], max_abs_diff(features, ref_features.numpy()))
-            if lowrank:
-                low_features = lowrank.features(x[indices].numpy(), task_set)
-                diffs["lowrank"] = worse(diffs["lowrank"], max_abs_diff(low_features, ref_features.numpy()))
-                low_logits = _run(graphs["heads"], {"image_features": low_features, "heads": heads})[0]
-                for row, index in enumerate(indices):
-                    slices = [head_slice(manifest, task) for task in task_set]
-                    position, cls, _ = pick_heads([low_logits[row][s] for s in slices])
-                    if (task_set[position], cls) != (ref_predictions[index].task_index,
-                                                      ref_predictions[index].class_index):
-                        mismatched_predictions.append(start + index)
-            logits = _run(graphs["heads"], {"image_features": features, "heads": heads})[0]
-            if not np.isfinite(logits).all():  # every head's logits, not only the winner's compared below
-                diffs["heads"] = float("nan")
-            ref_logits = _run(graphs["heads"], {"image_features": ref_features.numpy(), "heads": heads})[0]
-            torch_logits = torch.nn.functional.normalize(ref_features, dim=-1) @ torch.from_numpy(heads).T
-            diffs["heads"] = worse(diffs["heads"], max_abs_diff(ref_logits, torch_logits.numpy()))
-            for row, index in enumerate(indices):
-                slices = [head_slice(manifest, task) for task in task_set]
-                position, cls, _ = pick_heads([logits[row][s] for s in slices])
-                prediction = ref_predictions[index]
-                winner = logits[row][head_slice(manifest, prediction.task_index)]
-                diffs["end_to_end"] = worse(diffs["end_to_end"], max_abs_diff(winner, prediction.logits.numpy()))
-                if (task_set[position], cls) != (prediction.task_index, prediction.class_index):
-                    mismatched_predictions.append(start + index)
-    table = [{"graph": name, "max_abs_diff": value, "atol": atol, "ok": bool(np.isfinite(value) and value <= atol)} for name, value in diffs.items()]
-    report = {"atol": atol, "images": len(pixels), "batch_sizes": list(batch_sizes),
-              "max_abs_diff": {name: value if np.isfinite(value) else None for name, value in diffs.items()},
-              "task_sets_identical": not mismatched_sets, "predictions_identical": not mismatched_predictions,
-              "passed": all(row["ok"] for row in table) and not mismatched_sets and not mismatched_predictions}
+    return [(b, s if s + b <= len(pixels) else 0) for b, s in zip(batch_sizes, starts)]
+
+
+def report_of(comparisons: list[Comparison], mismatched_sets, mismatched_predictions, atol: float, images: int,
+              batch_sizes, graphs) -> dict:
+    """The manifest's ``validation`` section (worst difference per graph, null when NaN) and every comparison."""
+    worst = worst_per_graph(comparisons, graphs)
+    return {"atol": atol, "images": images, "batch_sizes": list(batch_sizes),
+            "max_abs_diff": {name: value if np.isfinite(value) else None for name, value in worst.items()},
+            "task_sets_identical": not mismatched_sets, "predictions_identical": not mismatched_predictions,
+            "passed": all(c.passed for c in comparisons) and not mismatched_sets and not mismatched_predictions,
+            "comparisons": [c.record() for c in comparisons]}
+
+
+def failure(root: Path, report: dict, mismatched_sets, mismatched_predictions) -> ValidationError:
+    """The error naming every graph's worst difference and the images that disagree."""
+    atol = report["atol"]
+    table = [{"graph": name, "max_abs_diff": float("nan") if value is None else value, "atol": atol,
+              "ok": value is not None and value <= atol} for name, value in report["max_abs_diff"].items()]
+    lines = [f"  {row['graph']:<11} max|diff| {row['max_abs_diff']:.3e}  {'ok' if row['ok'] else 'FAIL'}"
+             for row in table]
+    if mismatched_sets:
+        lines.append(f"  task sets differ for images {sorted(set(mismatched_sets))[:10]}")
+    if mismatched_predictions:
+        lines.append(f"  predicted classes differ for images {sorted(set(mismatched_predictions))[:10]}")
+    return ValidationError(f"{root}: exported graphs disagree with the torch reference (atol {atol}):\n"
+                           + "\n".join(lines), table)
+
+
+def validate_build(root: Path, reference, atol: float = options.default("atol"), images=(), batch_sizes=BATCH_SIZES,
+                   progress: bool = True) -> dict:
+    """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure."""
+    root = Path(root)
+    build = open_build(root, progress)
+    pixels = pixel_batch((list(images) or sample_photos())[:sum(batch_sizes)], build.manifest["model"])
+    graphs = GRAPHS_COMPARED + (("lowrank",) if build.lowrank else ())
+    comparisons, mismatched_sets, mismatched_predictions = [], [], []
+    for batch_size, start in tqdm(batches(pixels, batch_sizes), desc="validating graphs", unit="batch",
+                                  disable=not progress):
+        result = compare_batch(build, reference, pixels[start:start + batch_size], atol)
+        comparisons += result.comparisons
+        mismatched_sets += [start + i for i in result.mismatched_sets]
+        mismatched_predictions += [start + i for i in result.mismatched_predictions]
+    report = report_of(comparisons, mismatched_sets, mismatched_predictions, atol, len(pixels), batch_sizes, graphs)
     if not report["passed"]:
-        lines = [f"  {row['graph']:<11} max|diff| {row['max_abs_diff']:.3e}  {'ok' if row['ok'] else 'FAIL'}"
-                 for row in table]
-        if mismatched_sets:
-            lines.append(f"  task sets differ for images {sorted(set(mismatched_sets))[:10]}")
-        if mismatched_predictions:
-            lines.append(f"  predicted classes differ for images {sorted(set(mismatched_predictions))[:10]}")
-        raise ValidationError(f"{root}: exported graphs disagree with the torch reference (atol {atol}):\n"
-                              + "\n".join(lines), table)
+        raise failure(root, report, mismatched_sets, mismatched_predictions)
     return report

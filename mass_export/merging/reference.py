@@ -9,6 +9,7 @@ import torch
 
 from mass_export.core import options
 from mass_export.core.errors import ConfigError
+from mass_export.core.routing import first_pass_weights, router_basis_key
 from mass_export.nn.heads import head_logits
 from mass_export.merging.merge import TaskFactors, merged_tower
 from mass_export.nn.routing import projection_residuals, routing_probabilities, select_tasks
@@ -48,10 +49,6 @@ class Prediction:
     probs: torch.Tensor = field(repr=False)  # router probabilities over all tasks
 
 
-def router_basis_key(layer: int) -> str:
-    return f"transformer.resblocks.{layer}.mlp.c_fc.weight"
-
-
 def choose_head(features: torch.Tensor, heads: list[torch.Tensor], task_set) -> tuple[int, torch.Tensor]:
     """The selected task whose head gives the largest logit (ties to the first); returns (task, its logits)."""
     best_task, best_logits = None, None
@@ -72,9 +69,9 @@ class MassReference:
         self.num_tasks = factors.num_tasks
         self.prefix = RoutePrefix(visual, method.routing_layer).eval()
         self.full = FullTower(visual).eval()
-        self.theta_mt = (pretrained if method.router_on == "pretrained" else
-                         merged_tower(pretrained, factors, range(self.num_tasks), method.alpha, bases,
-                                      progress="reference: merging theta_MT" if progress else None))
+        self.theta_mt = first_pass_weights(method.router_on, pretrained, lambda: merged_tower(
+            pretrained, factors, range(self.num_tasks), method.alpha, bases,
+            progress="reference: merging theta_MT" if progress else None))
         self.basis = factors.V[router_basis_key(method.routing_layer)]
         self.cache: OrderedDict[tuple, dict] = OrderedDict()
         self.cache_size = cache_size

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mass_export.core.manifest import read_manifest
+from mass_export.core.manifest import head_slices, read_manifest
 from mass_export.merging.merge import TaskFactors
 from mass_export.merging.reference import MassReference, Method
 
@@ -39,7 +39,6 @@ def reference_from_build(root: Path, cache_size: int = 4) -> MassReference:
     factors, bases = factors_from_flat(load_file(str(root / "factors.safetensors")),
                                        load_file(str(root / "deltas.safetensors")))
     stacked = load_file(str(root / "heads.safetensors"))["heads"]
-    heads = [stacked[manifest["heads"][t]["offset"]:manifest["heads"][t]["offset"] + manifest["heads"][t]["classes"]]
-             for t in manifest["tasks"]]
+    heads = [stacked[rows] for rows in head_slices(manifest)]
     method = Method(**{k: v for k, v in manifest["method"].items() if k in Method.__dataclass_fields__})
     return MassReference(visual, pretrained, factors, bases, heads, method, cache_size)

@@ -18,12 +18,13 @@ from mass_export import __version__
 
 from mass_export.core import catalog, options
 from mass_export.core.errors import CheckpointError, ConfigError
-from mass_export.core.manifest import staged_directory, update_manifest, write_manifest
+from mass_export.core.manifest import head_table, staged_directory, update_manifest, write_manifest
 from mass_export.core.outputs import locked, refuse_overlap
+from mass_export.core.routing import router_basis_key
 from mass_export.merging import checkpoints as ckpt
 from mass_export.merging.zeroshot import tokenizer_for, zero_shot_head
 from mass_export.merging.merge import TaskFactors, base_tasks, empty_factors, factors_to_flat, put_task, truncate_task
-from mass_export.merging.reference import MassReference, Method, router_basis_key
+from mass_export.merging.reference import MassReference, Method
 from mass_export.pipeline.config import BuildConfig  # noqa: F401  (part of this module's API)
 
 
@@ -306,10 +307,6 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
     save_file(stored_dtype(loaded.factors.whole, cfg.storage_dtype), str(stage / "deltas.safetensors"))
     save_file({"heads": torch.cat(loaded.heads).contiguous()}, str(stage / "heads.safetensors"))
     (stage / "classes.json").write_text(json.dumps(loaded.classes, indent=1) + "\n")
-    offsets, offset = {}, 0
-    for task, head in zip(loaded.tasks, loaded.heads):
-        offsets[task] = {"offset": offset, "classes": int(head.shape[0])}
-        offset += int(head.shape[0])
     graphs = {}
     if cfg.export:
         from mass_export.export.graphs import GRAPH_NAMES, export_all
@@ -324,7 +321,7 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
         "tasks": loaded.tasks,
         "method": {**asdict(method), "ranks": sorted(set(ranks.values()))},
         "base_tasks": {key: tasks for key, tasks in loaded.bases.items()},
-        "heads": offsets,
+        "heads": head_table({task: head.shape[0] for task, head in zip(loaded.tasks, loaded.heads)}),
         "graphs": graphs,
         "opset": written_opset(stage, graphs, cfg.opset),
         "precision": "fp32",

@@ -27,7 +27,8 @@ from threadpoolctl import ThreadpoolController
 
 from mass_export.core.errors import BuildIntegrityError, ConfigError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
-from mass_export.core.manifest import read_manifest
+from mass_export.core.manifest import head_slices, read_manifest
+from mass_export.core.routing import first_pass_weights, router_basis_key
 from mass_export.core.taskweights import StoredTasks, dense_from_low_rank, low_rank_inputs, task_set_weights
 from mass_export.runtime.backends import Runner, check_providers, make_runner
 from mass_export.runtime.images import DEFAULT_MAX_PIXELS, as_image
@@ -115,8 +116,7 @@ class MassRuntime:
         self.eta, self.max_tasks, self.routing_layer = method["eta"], method["top_k"], method["routing_layer"]
         self.preprocessor = Preprocessor.from_manifest(manifest["model"])
         self.loader_threads = loader_threads or min(4, os.cpu_count() or 1)
-        self._slices = [slice(manifest["heads"][t]["offset"], manifest["heads"][t]["offset"]
-                              + manifest["heads"][t]["classes"]) for t in self.tasks]
+        self._slices = head_slices(manifest)
 
         _check(stored.num_tasks == self.num_tasks, root, f"factors hold {stored.num_tasks} tasks, "
                f"manifest lists {self.num_tasks}")
@@ -136,13 +136,13 @@ class MassRuntime:
         self.prepare_threads = prepare_threads
         self._blas = ThreadpoolController() if prepare_threads else None
         # theta_MT is prepared (and on a GPU uploaded) once; task sets' weights go through the cache.
-        if method.get("router_on", "merged") == "pretrained":
-            theta_mt = {k: stored.pretrained[k] for k in prefix_keys}
-        else:
+        def merged():
             with self.preparation_threads():
-                theta_mt = task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True)
+                return task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True)
+
+        theta_mt = first_pass_weights(method.get("router_on"), {k: stored.pretrained[k] for k in prefix_keys}, merged)
         self._prefix_inputs = runners["prefix"].upload(theta_mt)
-        basis = stored.factors[f"transformer.resblocks.{self.routing_layer}.mlp.c_fc.weight"]["V"]
+        basis = stored.factors[router_basis_key(self.routing_layer)]["V"]
         basis = basis.astype(np.float32)  # fp16 builds store it half
         self._router_inputs = runners["router"].upload({"router_basis": basis})
         self._heads_inputs = runners["heads"].upload({"heads": heads})
@@ -205,7 +205,7 @@ class MassRuntime:
     @property
     def feature_width(self) -> int:
         """Width of the router tap's feature (the first pass's output)."""
-        return int(self.stored.factors[f"transformer.resblocks.{self.routing_layer}.mlp.c_fc.weight"]["V"].shape[-1])
+        return int(self.stored.factors[router_basis_key(self.routing_layer)]["V"].shape[-1])
 
     @property
     def embed_dim(self) -> int:
