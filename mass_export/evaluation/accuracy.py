@@ -9,6 +9,7 @@ head can score by index coincidence) is reported beside it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -30,13 +31,14 @@ class TestSet:
 
 def folder_test_sets(data: Path, tasks, classes: dict, preprocessor) -> list[TestSet]:
     """Images under DATA/<task>/<class name>/* (the layout `mass-export demo` writes)."""
-    from mass_export.runtime.images import as_image
+    from mass_export.runtime.images import PathProblem, as_image, expand_paths
 
     sets = []
     for task in tasks:
         pixels, labels = [], []
         for index, name in enumerate(classes[task]):
-            for path in sorted((data / task / name.replace("/", "-")).glob("*")):
+            found = expand_paths([data / task / name.replace("/", "-")])
+            for path in [p for p in found if not isinstance(p, PathProblem)]:
                 loaded = as_image(path)
                 if not loaded.error:
                     pixels.append(preprocessor(loaded.image))
@@ -77,27 +79,37 @@ def head_accuracy(reference, weights: dict, test: TestSet, head: torch.Tensor, b
     return float((predictions.numpy() == test.labels).mean())
 
 
+def per_test_set(rows: list, tests: list[TestSet]):
+    """(test set, its rows) for rows made test set after test set, in order."""
+    offset = 0
+    for test in tests:
+        yield test, rows[offset:offset + len(test.labels)]
+        offset += len(test.labels)
+
+
+def strict_accuracy(rows: list[dict], test: TestSet, task_index: int) -> float:
+    """MASS's accuracy on one test set: a prediction counts only when both its task and its class are right."""
+    return float(np.mean([p["task_index"] == task_index and p["class_index"] == label
+                          for p, label in zip(rows, test.labels)]))
+
+
 def mass_scores(predictions, tests: list[TestSet], tasks: list[str], classes: dict) -> dict:
     """Strict and authors' accuracy per task, router task identification, mean set size and confusion."""
     num_tasks = len(tasks)
     out = {"strict": {}, "authors": {}, "router_top1": {}, "router_in_set": {}}
     confusion = np.zeros((num_tasks, num_tasks), dtype=np.int64)
-    offset, set_sizes = 0, []
-    for true_task, test in enumerate(tests):
+    set_sizes = []
+    for test, chunk in per_test_set(predictions, tests):
         index = tasks.index(test.task)
-        chunk = predictions[offset:offset + len(test.labels)]
-        offset += len(test.labels)
-        strict, authors, top1, in_set = [], [], [], []
+        authors, top1, in_set = [], [], []
         for p, label in zip(chunk, test.labels):
-            task_index = p["task_index"]
             logits = np.asarray(p["logits"])[:len(classes[test.task])]  # the authors' trim (pad never wins)
-            strict.append(task_index == index and p["class_index"] == label)
             authors.append(int(np.argmax(logits)) == label)
             top1.append(int(np.argmax(p["probs"])) == index)
             in_set.append(index in p["task_set"])
             confusion[index, int(np.argmax(p["probs"]))] += 1
             set_sizes.append(len(p["task_set"]))
-        out["strict"][test.task] = float(np.mean(strict))
+        out["strict"][test.task] = strict_accuracy(chunk, test, index)
         out["authors"][test.task] = float(np.mean(authors))
         out["router_top1"][test.task] = float(np.mean(top1))
         out["router_in_set"][test.task] = float(np.mean(in_set))
@@ -146,97 +158,181 @@ def summarise(per_task: dict, finetuned: dict | None) -> dict:
     return row
 
 
+class Evaluation:
+    """What the methods read: the torch reference rebuilt from the build, the test sets and the options. The costly
+    shared parts (fine-tuned checkpoints, MASS's predictions) are made once, when a method first asks."""
+
+    def __init__(self, build_dir: Path, manifest: dict, classes: dict, tests: list[TestSet],
+                 checkpoints: Path | None, with_runtime: bool, ta_lambda: float, batch_size: int):
+        from mass_export.merging.stored import reference_from_build
+
+        self.build_dir, self.manifest, self.classes, self.tests = build_dir, manifest, classes, tests
+        self.checkpoints, self.with_runtime, self.ta_lambda, self.batch_size = (checkpoints, with_runtime, ta_lambda,
+                                                                                 batch_size)
+        self.tasks = manifest["tasks"]
+        self.reference = reference_from_build(build_dir, cache_size=cache_budget(build_dir, len(self.tasks)))
+        self.pre, self.factors = self.reference.pretrained, self.reference.factors
+        self.alpha = self.manifest["method"]["alpha"]
+
+    def head(self, task: str) -> torch.Tensor:
+        return self.reference.heads[self.tasks.index(task)]
+
+    def accuracy(self, weights_for) -> dict[str, float]:
+        """The scorer of a method with fixed weights: each test set's accuracy on its own task's head, the tower
+        running ``weights_for(task)``."""
+        return {t.task: head_accuracy(self.reference, weights_for(t.task), t, self.head(t.task), self.batch_size)
+                for t in self.tests}
+
+    @functools.cached_property
+    def fine_tunes(self) -> tuple[dict[str, float], list[dict]]:
+        """Each tested task's fine-tuned accuracy and every task's update (each checkpoint loaded once)."""
+        from mass_export.merging import checkpoints as ckpt
+        from mass_export.merging import merge
+
+        paths = ckpt.find_task_checkpoints(self.checkpoints, self.tasks, self.manifest["model"]["name"])
+        by_task = {test.task: test for test in self.tests}
+        accuracy, deltas = {}, []
+        for task in self.tasks:
+            state = ckpt.load_visual(paths[task], self.pre, self.manifest["model"]["quick_gelu"])
+            if task in by_task:
+                accuracy[task] = head_accuracy(self.reference, state, by_task[task], self.head(task), self.batch_size)
+            deltas.append(merge.task_delta(self.pre, state))
+        return accuracy, deltas
+
+    @functools.cached_property
+    def no_redundancy(self) -> dict[str, list[int]]:
+        from mass_export.merging import merge
+
+        return merge.base_tasks(self.factors, "no-redundancy", self.manifest["method"]["redundancy_threshold"])
+
+    @functools.cached_property
+    def mass(self) -> tuple[list[dict], dict]:
+        """The torch reference's MASS predictions on every test image, and their scores."""
+        rows = reference_predictions(self.reference, self.tests, self.batch_size)
+        return rows, mass_scores(rows, self.tests, self.tasks, self.classes)
+
+    @functools.cached_property
+    def runtime_rows(self) -> list[dict]:
+        """The exported runtime's MASS predictions on every test image."""
+        return runtime_predictions(self.build_dir, self.tests, self.batch_size, self.tasks,
+                                   self.reference.cache_size)
+
+
+# ---- the methods: name -> per-task accuracy (None: not available for this evaluation) ------------------------
+
+def zero_shot(ev: Evaluation):
+    return ev.accuracy(lambda task: ev.pre)
+
+
+def finetuned(ev: Evaluation):
+    return ev.fine_tunes[0] if ev.checkpoints else None
+
+
+def task_arithmetic(ev: Evaluation):
+    if not ev.checkpoints:
+        return None
+    deltas = ev.fine_tunes[1]
+    weights = {k: (v + ev.ta_lambda * sum(d[k] for d in deltas)) if k in deltas[0] else v for k, v in ev.pre.items()}
+    return ev.accuracy(lambda task: weights)
+
+
+def tsv_m(ev: Evaluation):
+    from mass_export.merging.merge import merged_tower
+
+    weights = merged_tower(ev.pre, ev.factors, range(len(ev.tasks)), ev.alpha)
+    return ev.accuracy(lambda task: weights)
+
+
+def tsv_m_no_redundancy(ev: Evaluation):
+    from mass_export.merging.merge import merged_tower
+
+    weights = merged_tower(ev.pre, ev.factors, range(len(ev.tasks)), ev.alpha, ev.no_redundancy)
+    return ev.accuracy(lambda task: weights)
+
+
+def tsv_c_task_known(ev: Evaluation):
+    return ev.accuracy(lambda task: ev.reference.task_set_weights((ev.tasks.index(task),)))
+
+
+def mass(ev: Evaluation):
+    return ev.mass[1]["strict"]
+
+
+def mass_authors_metric(ev: Evaluation):
+    return ev.mass[1]["authors"]
+
+
+def mass_onnx_runtime(ev: Evaluation):
+    if not ev.with_runtime:
+        return None
+    return {test.task: strict_accuracy(rows, test, ev.tasks.index(test.task))
+            for test, rows in per_test_set(ev.runtime_rows, ev.tests)}
+
+
+METHODS = {f.__name__: f for f in (zero_shot, finetuned, task_arithmetic, tsv_m, tsv_m_no_redundancy,
+                                   tsv_c_task_known, mass, mass_authors_metric, mass_onnx_runtime)}
+
+
+def runtime_agreement(ev: Evaluation) -> dict:
+    """How often the exported runtime's (task, class, task set) equals the torch reference's."""
+    agree = float(np.mean([(a["task_index"], a["class_index"], tuple(a["task_set"])) ==
+                           (b["task_index"], b["class_index"], tuple(b["task_set"]))
+                           for a, b in zip(ev.mass[0], ev.runtime_rows)]))
+    return {"agreement_with_reference": agree}
+
+
+def routing_layer_scores(ev: Evaluation, layer: int, finetuned: dict | None) -> dict:
+    """MASS and its router with the router tapped at another layer (same build, same factors)."""
+    from mass_export.merging.reference import MassReference
+
+    reference = ev.reference
+    method = dataclasses.replace(reference.method, routing_layer=layer)
+    bases = (ev.no_redundancy if method.base == "no-redundancy"
+             else {k: list(range(len(ev.tasks))) for k in ev.factors.U})
+    swept = MassReference(reference.full.visual, ev.pre, ev.factors, bases, reference.heads, method,
+                          reference.cache_size)
+    scores = mass_scores(reference_predictions(swept, ev.tests, ev.batch_size), ev.tests, ev.tasks, ev.classes)
+    return {"mass": summarise(scores["strict"], finetuned),
+            "router_top1": float(np.mean(list(scores["router_top1"].values()))),
+            "router_in_set": float(np.mean(list(scores["router_in_set"].values())))}
+
+
 def evaluate(build_dir: Path, checkpoints: Path | None = None, data: Path | None = None,
              routing_layers=None, with_runtime: bool = True, ta_lambda: float = 0.3, limit: int | None = None,
              batch_size: int = 256, progress: bool = True) -> dict:
-    from mass_export.merging import checkpoints as ckpt
-    from mass_export.merging import merge
-    from mass_export.merging.reference import MassReference
-    from mass_export.merging.stored import reference_from_build
     from mass_export.runtime.preprocess import Preprocessor
 
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     tasks, classes = manifest["tasks"], json.loads((build_dir / "classes.json").read_text())
-    reference = reference_from_build(build_dir, cache_size=cache_budget(build_dir, len(tasks)))
     preprocessor = Preprocessor.from_manifest(manifest["model"])
     tests = (folder_test_sets(Path(data), tasks, classes, preprocessor) if data
              else zoo_test_sets(tasks, preprocessor, limit))
-    pre, factors, heads = reference.pretrained, reference.factors, reference.heads
-    head_of = {test.task: heads[tasks.index(test.task)] for test in tests}
-    bar = tqdm(total=6 + len(routing_layers or []), desc="evaluating", disable=not progress)
-
-    def static(weights) -> dict:
-        return {t.task: head_accuracy(reference, weights, t, head_of[t.task], batch_size) for t in tests}
-
+    ev = Evaluation(build_dir, manifest, classes, tests, checkpoints, with_runtime, ta_lambda, batch_size)
+    bar = tqdm(total=len(METHODS) + len(routing_layers or []), desc="evaluating", disable=not progress)
     methods: dict[str, dict] = {}
-    finetuned = None
-    methods["zero_shot"] = static(pre)
-    bar.update()
-    if checkpoints:
-        paths = ckpt.find_task_checkpoints(checkpoints, tasks, manifest["model"]["name"])
-        by_task = {test.task: test for test in tests}
-        deltas, finetuned = [], {}
-        for task in tasks:
-            state = ckpt.load_visual(paths[task], pre, manifest["model"]["quick_gelu"])
-            if task in by_task:
-                finetuned[task] = head_accuracy(reference, state, by_task[task], head_of[task], batch_size)
-            deltas.append(merge.task_delta(pre, state))
-        methods["finetuned"] = finetuned
-        arithmetic = {k: (v + ta_lambda * sum(d[k] for d in deltas)) if k in deltas[0] else v
-                      for k, v in pre.items()}
-        methods["task_arithmetic"] = static(arithmetic)
-    bar.update()
-    every = range(len(tasks))
-    methods["tsv_m"] = static(merge.merged_tower(pre, factors, every, manifest["method"]["alpha"]))
-    bar.update()
-    no_redundancy = merge.base_tasks(factors, "no-redundancy", manifest["method"]["redundancy_threshold"])
-    methods["tsv_m_no_redundancy"] = static(merge.merged_tower(pre, factors, every, manifest["method"]["alpha"],
-                                                               no_redundancy))
-    bar.update()
-    methods["tsv_c_task_known"] = {t.task: head_accuracy(reference, reference.task_set_weights((tasks.index(t.task),)),
-                                                         t, head_of[t.task], batch_size) for t in tests}
-    bar.update()
-    ref_rows = reference_predictions(reference, tests, batch_size)
-    mass = mass_scores(ref_rows, tests, tasks, classes)
-    methods["mass"] = mass["strict"]
-    methods["mass_authors_metric"] = mass["authors"]
-    bar.update()
-    runtime_report = None
-    if with_runtime:
-        onnx_rows = runtime_predictions(build_dir, tests, batch_size, tasks, reference.cache_size)
-        agree = float(np.mean([(a["task_index"], a["class_index"], tuple(a["task_set"])) ==
-                               (b["task_index"], b["class_index"], tuple(b["task_set"]))
-                               for a, b in zip(ref_rows, onnx_rows)]))
-        strict = {}
-        offset = 0
-        for test in tests:
-            chunk = onnx_rows[offset:offset + len(test.labels)]
-            offset += len(test.labels)
-            strict[test.task] = float(np.mean([p["task_index"] == tasks.index(test.task) and p["class_index"] == y
-                                               for p, y in zip(chunk, test.labels)]))
-        methods["mass_onnx_runtime"] = strict
-        runtime_report = {"agreement_with_reference": agree}
+    for name, method in METHODS.items():
+        scores = method(ev)
+        if scores is not None:
+            methods[name] = scores
+        bar.update()
+    finetuned_scores = methods.get("finetuned")
     sweep = {}
     for layer in routing_layers or []:
-        method = dataclasses.replace(reference.method, routing_layer=layer)
-        swept = MassReference(reference.full.visual, pre, factors, no_redundancy if method.base == "no-redundancy"
-                              else {k: list(every) for k in factors.U}, heads, method, reference.cache_size)
-        scores = mass_scores(reference_predictions(swept, tests, batch_size), tests, tasks, classes)
-        sweep[str(layer)] = {"mass": summarise(scores["strict"], finetuned),
-                             "router_top1": float(np.mean(list(scores["router_top1"].values()))),
-                             "router_in_set": float(np.mean(list(scores["router_in_set"].values())))}
+        sweep[str(layer)] = routing_layer_scores(ev, layer, finetuned_scores)
         bar.update()
     bar.close()
+    mass_report = ev.mass[1]
     return {
         "schema": SCHEMA, "build": str(build_dir), "tasks": [t.task for t in tests],
-        "images": {t.task: int(len(t.labels)) for t in tests}, "routing_layer": reference.method.routing_layer,
+        "images": {t.task: int(len(t.labels)) for t in tests}, "routing_layer": ev.reference.method.routing_layer,
         "task_arithmetic_lambda": ta_lambda if checkpoints else None,
-        "methods": {name: summarise(values, finetuned) for name, values in methods.items()},
-        "router": {"top1": summarise(mass["router_top1"], None), "in_set": summarise(mass["router_in_set"], None),
-                   "mean_task_set_size": mass["mean_task_set_size"], "confusion": mass["confusion"],
+        "methods": {name: summarise(values, finetuned_scores) for name, values in methods.items()},
+        "router": {"top1": summarise(mass_report["router_top1"], None),
+                   "in_set": summarise(mass_report["router_in_set"], None),
+                   "mean_task_set_size": mass_report["mean_task_set_size"], "confusion": mass_report["confusion"],
                    "confusion_axes": "rows: true task, columns: router argmax, in manifest task order"},
-        "runtime": runtime_report, "routing_layer_sweep": sweep,
+        "runtime": runtime_agreement(ev) if with_runtime else None, "routing_layer_sweep": sweep,
     }
 
 
