@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import itertools
 import math
 import os
 import sys
@@ -351,8 +350,6 @@ def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_wo
         top_k = old_top_k
     import onnxruntime
 
-    from mass_export.core.manifest import read_manifest
-    from mass_export.runtime import MassRuntime
     from mass_export.runtime.sources import done_paths, expand_arguments, parse_shard, pending
     from mass_export.runtime.sources import shard as shard_items
 
@@ -379,31 +376,15 @@ def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_wo
         sink = open_output(output, fmt, force, resume)  # checked writable before minutes of loading, not after
         try:
             with locked(build_dir, shared=True, what="being rebuilt"), _warnings_as_lines():
-                if ray_address:
-                    from mass_export.distributed.ray_job import connect
-
-                    runtime = None
-                    manifest = read_manifest(build_dir)  # the integrity check before any worker starts
-                    tasks, active = manifest["tasks"], [f"ray:{ray_address} x{ray_workers}"]
-                    connect(ray_address, ray_workers)  # cluster start-up counts as loading, not classifying
-                else:
-                    runtime = MassRuntime.load(build_dir, providers=providers, strict_providers=strict_providers,
-                                               cache_size=cache_size, cache_bytes=cache_bytes, threads=threads)
-                    runtime.max_pixels = int(max_megapixels * 1e6)
-                    tasks, active = runtime.tasks, runtime.providers["encoder"]
+                runtime, tasks, active = load_runner(build_dir, ray_address, ray_workers, providers,
+                                                     strict_providers, cache_size, cache_bytes, threads,
+                                                     max_megapixels)
             sink.start()
         except BaseException:
             sink.abandon()
             raise
-        if ray_address:
-            from mass_export.distributed.ray_job import classify_on_ray
-
-            rows = classify_on_ray(items, build_dir, ray_address, ray_workers, batch_size,
-                                   [p.strip() for p in providers.split(",")], threads, top_k)
-            batches = (list(itertools.islice(rows, batch_size)) for _ in itertools.count())
-            batches = itertools.takewhile(bool, batches)
-        else:
-            batches = runtime.classify_batches(items, batch_size, top_k, window=window)
+        batches = prediction_batches(runtime, items, build_dir, ray_address, ray_workers, batch_size, providers,
+                                     threads, top_k, window)
         summary = classify_all(batches, len(items), tasks, active, sink, progress)
         summary.update(_runtime_counters(runtime))
         sink.close()
@@ -411,6 +392,39 @@ def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_wo
                    output=str(output) if output else None, format=fmt, skipped_done=skipped, shard=shard)
     report(summary, as_json)
     sys.exit(exit_status(summary))
+
+
+def load_runner(build_dir: Path, ray_address: str | None, ray_workers: int, providers: str, strict_providers: bool,
+                cache_size, cache_bytes, threads, max_megapixels: float):
+    """(the loaded runtime, or None with --ray; the build's tasks; what runs the graphs, for the summary)."""
+    if ray_address:
+        from mass_export.core.manifest import read_manifest
+        from mass_export.distributed.ray_job import connect
+
+        manifest = read_manifest(build_dir)  # the integrity check before any worker starts
+        connect(ray_address, ray_workers)  # cluster start-up counts as loading, not classifying
+        return None, manifest["tasks"], [f"ray:{ray_address} x{ray_workers}"]
+    from mass_export.runtime import MassRuntime
+
+    runtime = MassRuntime.load(build_dir, providers=providers, strict_providers=strict_providers,
+                               cache_size=cache_size, cache_bytes=cache_bytes, threads=threads)
+    runtime.max_pixels = int(max_megapixels * 1e6)
+    return runtime, runtime.tasks, runtime.providers["encoder"]
+
+
+def prediction_batches(runtime, items: list, build_dir: Path, ray_address: str | None, ray_workers: int,
+                       batch_size: int, providers: str, threads, top_k: int, window):
+    """Predictions (with --ray, the rows the workers made) ``batch_size`` at a time, in input order: the runtime's
+    batch loop, on this machine or inside each Ray worker."""
+    from mass_export.runtime.sources import batched
+
+    if runtime is not None:
+        return runtime.classify_batches(items, batch_size, top_k, window=window)
+    from mass_export.distributed.ray_job import classify_on_ray
+
+    rows = classify_on_ray(items, build_dir, ray_address, ray_workers, batch_size,
+                           [p.strip() for p in providers.split(",")], threads, top_k)
+    return batched(rows, batch_size)
 
 
 def classify_all(batches, total: int, tasks: list[str], providers: list[str], sink, progress) -> dict:

@@ -1,8 +1,9 @@
 """`mass-export run --ray ADDRESS`: Ray Data reads the images, one MassPredictor actor per worker classifies them.
 
-Routing and grouping by task set happen inside each actor, on the batches Ray hands it. Rows come back as the
-same dicts a local run writes, in input order (they are matched to the inputs by path, so Ray's block order does
-not matter). Paths that do not exist locally never reach Ray: they become error rows here, as in a local run.
+Routing and grouping by task set happen inside each actor, on the batches Ray hands it (the runtime's own batch
+loop, through ``MassPredictor``). Rows come back as the same dicts a local run writes, in input order (they are
+matched to the inputs by path, so Ray's block order does not matter). Paths that cannot be read (missing, a folder,
+empty, unreadable) never reach Ray: they become the same error rows here as in a local run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Iterator
 
 from mass_export.core.errors import ConfigError
 from mass_export.runtime.engine import Prediction
-from mass_export.runtime.images import PathProblem
+from mass_export.runtime.images import unreadable
 from mass_export.runtime.predictor import MassPredictor, row_from_columns
 
 
@@ -46,12 +47,8 @@ def classify_on_ray(items: list, build: Path, address: str = "local", workers: i
     rows: dict[int, dict] = {}
     readable: list[tuple[int, str]] = []
     for index, item in enumerate(items):
-        if isinstance(item, PathProblem):
-            rows[index] = Prediction(path=os.fspath(item), error=item.error).to_row()
-        elif Path(item).is_dir():
-            rows[index] = Prediction(path=os.fspath(item), error="is a directory").to_row()
-        elif not os.access(item, os.R_OK):
-            rows[index] = Prediction(path=os.fspath(item), error="permission denied").to_row()
+        if problem := unreadable(item):  # the local run's own check, so both write the same error rows
+            rows[index] = Prediction(path=os.fspath(item), error=problem).to_row()
         else:
             readable.append((index, os.fspath(item)))
     if readable:

@@ -12,7 +12,6 @@ factors (no preparation of dense weights; the activations pay R(m + n) per token
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import time
@@ -34,6 +33,7 @@ from mass_export.runtime.backends import Runner, check_providers, make_runner
 from mass_export.runtime.images import DEFAULT_MAX_PIXELS, as_image
 from mass_export.runtime.planner import SecondPassPlanner
 from mass_export.runtime.preprocess import Preprocessor
+from mass_export.runtime.sources import batched
 from mass_export.runtime.taskcache import TaskSetCache
 
 GRAPHS = ("prefix", "router", "encoder", "heads")
@@ -419,30 +419,24 @@ class MassRuntime:
         window = DEFAULT_WINDOW_BATCHES * batch_size if window is None else window
         if window < 1:
             raise ConfigError(f"window must be >= 1 (got {window})")
-        items = iter(items)
         with ThreadPoolExecutor(self.loader_threads) as pool:
             if window <= batch_size:
                 yield from self._batch_by_batch(items, batch_size, top_k, pool)
                 return
-            while True:
-                chunk = list(itertools.islice(items, window))
-                if not chunk:
-                    return
+            for chunk in batched(items, window):
                 predictions = self._classify_prepared(list(pool.map(self._prepare, chunk)), top_k, batch_size)
                 del chunk
-                for start in range(0, len(predictions), batch_size):
-                    yield predictions[start:start + batch_size]
+                yield from batched(predictions, batch_size)
 
     def _batch_by_batch(self, items, batch_size: int, top_k: int, pool) -> Iterator[list[Prediction]]:
-        pending = None
-        while True:
-            chunk = list(itertools.islice(items, batch_size))
+        pending = []
+        for chunk in batched(items, batch_size):
             submitted = [pool.submit(self._prepare, item) for item in chunk]
             if pending:
                 yield self._classify_prepared([future.result() for future in pending], top_k, batch_size)
-            if not submitted:
-                return
             pending = submitted
+        if pending:
+            yield self._classify_prepared([future.result() for future in pending], top_k, batch_size)
 
     def _classify_prepared(self, prepared, top_k: int, batch_size: int) -> list[Prediction]:
         good = [i for i, (pixels, *_rest) in enumerate(prepared) if pixels is not None]

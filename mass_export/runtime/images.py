@@ -100,18 +100,32 @@ def too_many_pixels(size: tuple[int, int], max_pixels: int) -> str | None:
     return None
 
 
+def unreadable(item) -> str | None:
+    """Why a path (or PathProblem) cannot be an image file, found without opening it; None: go on and decode.
+    The one check before reading, wherever the file is then read (here, or by Ray on a worker)."""
+    if isinstance(item, PathProblem):
+        return item.error
+    path = Path(item)
+    try:
+        if path.is_dir():
+            return "is a directory"
+        if not path.exists():
+            return "no such file"
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        if not os.access(path, os.R_OK):
+            return "permission denied"
+    except OSError as error:
+        return f"cannot read ({error.strerror or error})"
+    return None
+
+
 def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode a file fully (truncation surfaces here) and convert it to RGB; problems become ``error``.
 
     The size is checked from the header before decoding: more than ``max_pixels`` is an error, not a decode."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            return LoadedImage(None, "is a directory")
-        if path.exists() and path.stat().st_size == 0:
-            return LoadedImage(None, "empty file (0 bytes)")
-    except OSError as error:
-        return LoadedImage(None, f"cannot read ({error.strerror or error})")
+    if problem := unreadable(path):
+        return LoadedImage(None, problem)
     return _decode(lambda: Image.open(path), max_pixels)
 
 
@@ -147,9 +161,7 @@ def _decode(open_image, max_pixels: int) -> LoadedImage:
 def as_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """A path, encoded bytes, PIL image or HWC uint8 array as an RGB PIL image (arrays: (H, W), (H, W, 3) or
     (H, W, 4))."""
-    if isinstance(item, PathProblem):
-        return LoadedImage(None, item.error)
-    if isinstance(item, (str, os.PathLike)):
+    if isinstance(item, (str, os.PathLike)):  # PathProblem included
         return load_image(item, max_pixels)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return decode_image_bytes(item, max_pixels)

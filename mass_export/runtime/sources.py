@@ -8,6 +8,7 @@
   take one shard cover a folder exactly once. sha1 of the path as listed, not Python's ``hash`` (salted per process).
 - ``done_paths(output)`` reads the paths already written to an output (JSONL, CSV or Parquet), so ``--resume``
   skips them; a torn last line (a run killed mid-write) is not counted and is cut off before appending.
+- ``batched(items, size)``: the batches every runner (local, Ray, the Python API) reads its items in.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import Iterable, Iterator, TextIO
 
 from mass_export.core.errors import ConfigError
 from mass_export.runtime.images import PathProblem, expand_paths
@@ -117,6 +119,13 @@ def done_paths(output: Path, fmt: str) -> set[str]:
             if row.get("path"):
                 paths.add(row["path"])
         return paths
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of ``size`` consecutive items (the last one shorter), read as they are asked for: the one batch loop
+    of the runtime's ``classify_batches``, of `run` and of `run --ray`. No batch is kept once handed out."""
+    items = iter(items)
+    return iter(lambda: list(itertools.islice(items, size)), [])
 
 
 def pending(items: list, done: set[str]) -> list:
