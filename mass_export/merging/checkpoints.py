@@ -429,36 +429,63 @@ def load_pretrained(model: str, pretrained: str | None, quick_gelu: bool | None 
     CLIP -> has_text; visual tower only -> has_text False), or None for hf-hub:/local-dir:, whose weights come along;
     a file given with them replaces those weights.
     """
-    import open_clip
-
-    model = str(model)
+    model, pretrained = str(model), None if pretrained is None else str(pretrained)
     kind, name, config, preprocess_overrides = _model_source(model)
     if kind == "hf-hub":
-        try:
-            config = open_clip.get_model_config(model)
-        except Exception as exc:
-            raise CheckpointError(f"{model}: could not fetch its open_clip config from the Hugging Face Hub (no "
-                                  f"network? use local-dir: or a config .json with a weights file): {exc}") from None
-    tag, ckpt = None, None
+        config = _hub_config(model)
+    tag, ckpt = _pretrained_weights(model, kind, name, pretrained)
+    qg = resolve_quick_gelu(quick_gelu, _quick_gelu_evidence(model, name, config, tag, ckpt))
+    if ckpt is None:  # a tag, or hf-hub: with its own weights: open_clip downloads and loads the whole CLIP
+        clip, preprocess = _create_with_weights(name, tag, qg)
+        has_text = True
+    else:
+        clip = _instantiate(name, config, qg)
+        preprocess = _preprocess(clip, preprocess_overrides)
+        has_text = _load_into(clip, ckpt)
+    clip = clip.float().eval().requires_grad_(False)
+    return PretrainedModel(model=clip, name=name, pretrained=pretrained or (str(ckpt.path) if ckpt else model),
+                           quick_gelu=qg, config={**copy.deepcopy(config), "quick_gelu": qg}, has_text=has_text,
+                           preprocess=_preprocess_summary(preprocess))
+
+
+def _hub_config(model: str) -> dict:
+    import open_clip
+
+    try:
+        return open_clip.get_model_config(model)
+    except Exception as exc:
+        raise CheckpointError(f"{model}: could not fetch its open_clip config from the Hugging Face Hub (no "
+                              f"network? use local-dir: or a config .json with a weights file): {exc}") from None
+
+
+def _pretrained_weights(model: str, kind: str, name: str, pretrained) -> tuple[str | None, Checkpoint | None]:
+    """(an open_clip pretrained tag, or a checkpoint read from a file): where the pretrained weights come from."""
+    import open_clip
+
     if pretrained is not None:
-        pretrained = str(pretrained)
         if kind == "name" and open_clip.get_pretrained_cfg(name, pretrained):
-            tag = pretrained
-        elif Path(pretrained).expanduser().is_file() or Path(pretrained).expanduser().is_dir():
-            ckpt = read_checkpoint(pretrained)
-        elif "/" in pretrained or Path(pretrained).suffix in WEIGHT_SUFFIXES or kind != "name":
+            return pretrained, None
+        if Path(pretrained).expanduser().is_file() or Path(pretrained).expanduser().is_dir():
+            return None, read_checkpoint(pretrained)
+        if "/" in pretrained or Path(pretrained).suffix in WEIGHT_SUFFIXES or kind != "name":
             raise CheckpointError(f"{pretrained}: no such file" + (
                 "" if kind == "name" else f" (pretrained tags exist only for open_clip model names, not {model})"))
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise CheckpointError(f"{pretrained!r} is neither a file nor an open_clip pretrained tag for {name} "
-                                  f"(tags: {', '.join(tags) or 'none'})")
-    elif kind == "local-dir":
-        ckpt = read_checkpoint(_local_dir_weights(model))
-    elif kind == "transformers":
-        ckpt = read_checkpoint(Path(model).expanduser())
-    elif kind != "hf-hub":
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise CheckpointError(f"{pretrained!r} is neither a file nor an open_clip pretrained tag for {name} "
+                              f"(tags: {', '.join(tags) or 'none'})")
+    if kind == "local-dir":
+        return None, read_checkpoint(_local_dir_weights(model))
+    if kind == "transformers":
+        return None, read_checkpoint(Path(model).expanduser())
+    if kind != "hf-hub":
         raise ConfigError(f"{model}: give pretrained weights (an open_clip tag or a checkpoint file)")
+    return None, None
+
+
+def _quick_gelu_evidence(model: str, name: str, config: dict | None, tag: str | None,
+                         ckpt: Checkpoint | None) -> list[tuple[str, bool]]:
+    """What the model name, its config, the pretrained tag and the checkpoint each say about QuickGELU."""
+    import open_clip
 
     evidence = []
     if name.endswith("-quickgelu"):
@@ -471,25 +498,20 @@ def load_pretrained(model: str, pretrained: str | None, quick_gelu: bool | None 
         evidence.append((f"pretrained tag {tag!r}", tag_quick_gelu))
     if ckpt is not None and ckpt.quick_gelu is not None:
         evidence.append((ckpt.quick_gelu_source, ckpt.quick_gelu))
-    qg = resolve_quick_gelu(quick_gelu, evidence)
+    return evidence
 
-    if ckpt is None:  # a tag, or hf-hub: with its own weights: open_clip downloads and loads the whole CLIP
-        try:
-            clip = open_clip.create_model(name, pretrained=tag, force_quick_gelu=qg, require_pretrained=True)
-        except Exception as exc:
-            what = f"the pretrained weights {tag!r}" if tag else "its weights"
-            raise CheckpointError(f"{name}: open_clip could not download or load {what} (no network? give a "
-                                  f"checkpoint file instead): {exc}") from None
-        preprocess = open_clip.get_model_preprocess_cfg(clip)
-        has_text = True
-    else:
-        clip = _instantiate(name, config, qg)
-        preprocess = _preprocess(clip, preprocess_overrides)
-        has_text = _load_into(clip, ckpt)
-    clip = clip.float().eval().requires_grad_(False)
-    return PretrainedModel(model=clip, name=name, pretrained=pretrained or (str(ckpt.path) if ckpt else model),
-                           quick_gelu=qg, config={**copy.deepcopy(config), "quick_gelu": qg}, has_text=has_text,
-                           preprocess=_preprocess_summary(preprocess))
+
+def _create_with_weights(name: str, tag: str | None, quick_gelu: bool) -> tuple[torch.nn.Module, dict]:
+    """open_clip's model with the weights it downloads itself (a tag, or hf-hub:), and its preprocessing."""
+    import open_clip
+
+    try:
+        clip = open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu, require_pretrained=True)
+    except Exception as exc:
+        what = f"the pretrained weights {tag!r}" if tag else "its weights"
+        raise CheckpointError(f"{name}: open_clip could not download or load {what} (no network? give a "
+                              f"checkpoint file instead): {exc}") from None
+    return clip, open_clip.get_model_preprocess_cfg(clip)
 
 
 # ---------------------------------------------------------------- finding files in a checkpoint tree
