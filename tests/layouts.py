@@ -1,4 +1,4 @@
-"""Fixture writers: real files in every checkpoint layout users have (DESIGN.md §4), for any test to reuse.
+"""Fixture writers: real files in every checkpoint layout users have (docs/checkpoints.md), for any test to reuse.
 
 The task_vectors pickles are made with look-alike ``src.modeling.ImageEncoder`` / ``ClassificationHead`` classes that
 live in a ``src.modeling`` module present in ``sys.modules`` only while saving, so the pickles' globals carry the real

@@ -1,8 +1,9 @@
 """`mass-export build` end to end through the CLI, from real files in every checkpoint layout.
 
-The invariants of DESIGN.md §2 are checked on the written build: theta_MT rebuilt from stored factors equals the
-torch merge of the original checkpoints, single-task sets equal their truncated update, exported graphs equal
-the reference (validation inside build), and the runtime on real images predicts what the reference predicts.
+The method's invariants (the paper, arXiv 2504.05342; README "The method as built") are checked on the written
+build: theta_MT rebuilt from stored factors equals the torch merge of the original checkpoints, single-task sets
+equal their truncated update, exported graphs equal the reference (validation inside build), and the runtime on
+real images predicts what the reference predicts.
 """
 
 import json

@@ -206,6 +206,14 @@ class Evaluation:
         return merge.base_tasks(self.factors, "no-redundancy", self.manifest["method"]["redundancy_threshold"])
 
     @functools.cached_property
+    def theta_mt_bases(self) -> dict[str, list[int]]:
+        """The build's own merge base (its registered function), for references made here with other options."""
+        from mass_export.merging import merge
+
+        method = self.reference.method
+        return merge.base_tasks(self.factors, method.base, method.redundancy_threshold)
+
+    @functools.cached_property
     def mass(self) -> tuple[list[dict], dict]:
         """The torch reference's MASS predictions on every test image, and their scores."""
         rows = reference_predictions(self.reference, self.tests, self.batch_size)
@@ -287,9 +295,7 @@ def routing_layer_scores(ev: Evaluation, layer: int, finetuned: dict | None) -> 
 
     reference = ev.reference
     method = dataclasses.replace(reference.method, routing_layer=layer)
-    bases = (ev.no_redundancy if method.base == "no-redundancy"
-             else {k: list(range(len(ev.tasks))) for k in ev.factors.U})
-    swept = MassReference(reference.full.visual, ev.pre, ev.factors, bases, reference.heads, method,
+    swept = MassReference(reference.full.visual, ev.pre, ev.factors, ev.theta_mt_bases, reference.heads, method,
                           reference.cache_size)
     scores = mass_scores(reference_predictions(swept, ev.tests, ev.batch_size), ev.tests, ev.tasks, ev.classes)
     return {"mass": summarise(scores["strict"], finetuned),

@@ -1,6 +1,6 @@
 """Checkpoints in: the pretrained CLIP and each task's fine-tuned visual tower, from every layout users have.
 
-Layouts (DESIGN.md §4), all mapped to canonical visual keys (those of ``model.visual.state_dict()``):
+Layouts (docs/checkpoints.md), all mapped to canonical visual keys (those of ``model.visual.state_dict()``):
 
 - task_vectors pickles of whole modules (``finetuned.pt``, ``zeroshot.pt``, ``nonlinear_finetuned.pt``,
   ``head_<Task>.pt``): read with the restricted unpickler of :mod:`.unpickle`, so nothing the file names is imported

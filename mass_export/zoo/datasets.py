@@ -1,7 +1,7 @@
 """Real image-classification datasets that install as packages, cut into fixed disjoint splits.
 
 Every loader returns ``(images, labels)``: ``images`` uint8 (N, H, W, 3) at the zoo's presentation size
-(32 x 32 by default), ``labels`` int64 (N,) in ``range(num_classes(task))``. Splits are deterministic and
+(32 x 32 by default), ``labels`` int64 (N,) in ``range(len(class_names(task)))``. Splits are deterministic and
 disjoint by construction (index permutations with fixed seeds, or, for textures, disjoint bands of each photo):
 
 - ``pretrain``: used only for the base model's contrastive "pretraining" (both towers);
@@ -70,10 +70,6 @@ def class_names(task: str) -> list[str]:
 
 def templates(task: str) -> list[str]:
     return list(task_info(task)["templates"])
-
-
-def num_classes(task: str) -> int:
-    return len(class_names(task))
 
 
 def available_tasks() -> list[str]:
