@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -21,11 +20,8 @@ from mass_export.core.errors import CheckpointError, MissingCheckpoints  # noqa:
 from mass_export.merging import checkpoints as ck  # noqa: E402
 from mass_export.merging.reference import Method  # noqa: E402
 from mass_export.pipeline.config import BuildConfig  # noqa: E402
+from _cli import cli  # noqa: E402
 from mass_export_cli.main import main  # noqa: E402
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module", autouse=True)

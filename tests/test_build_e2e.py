@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.numpy import load_file
 
+from _cli import cli
 from layouts import (synthetic_finetune, tiny_config, tiny_model, write_hf_bin, write_head, write_safetensors,
                      write_state_dict, write_task_vectors)
 from mass_export.merging import merge
 from mass_export.merging.checkpoints import visual_state
 from mass_export.core.taskweights import StoredTasks, task_set_weights
-from mass_export_cli.main import main
 
 TASKS = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon"]
 
@@ -60,11 +59,6 @@ def tiny_tree(tmp_path_factory):
     model = tiny_model(seed=0)
     pre, states = write_tree(root / "ckpt", model, config_path)
     return root, config_path, pre, states
-
-
-def cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +137,7 @@ def test_existing_output_is_refused_without_force(tiny_build, tiny_tree):
     out, *_ = tiny_build
     root, config_path, *_ = tiny_tree
     before = (out / "manifest.json").read_text()
-    result = CliRunner().invoke(main, ["build", "--model", str(config_path), "--checkpoints", str(root / "ckpt"),
-                                       "-o", str(out)])
+    result = cli("build", "--model", config_path, "--checkpoints", root / "ckpt", "-o", out)
     assert result.exit_code == 2 and "--force" in result.output
     assert (out / "manifest.json").read_text() == before
 
@@ -161,7 +154,7 @@ def test_bad_inputs_are_named_and_leave_nothing(tiny_tree, tmp_path):
     wrong["transformer.resblocks.0.mlp.c_fc.weight"] = torch.zeros(128, 32)
     write_safetensors(bad / "Alpha" / "finetuned.safetensors", wrong, prefix="visual.")
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["build", "--model", str(config_path), "--checkpoints", str(bad), "-o", str(out)])
+    result = cli("build", "--model", config_path, "--checkpoints", bad, "-o", out)
     assert result.exit_code == 2
     assert "transformer.resblocks.0.mlp.c_fc.weight" in result.output and "(128, 32)" in result.output
     assert "(256, 64)" in result.output
@@ -170,15 +163,15 @@ def test_bad_inputs_are_named_and_leave_nothing(tiny_tree, tmp_path):
     nan = dict(states[0])
     nan["ln_post.weight"] = torch.full_like(nan["ln_post.weight"], float("nan"))
     write_safetensors(bad / "Alpha" / "finetuned.safetensors", nan, prefix="visual.")
-    result = CliRunner().invoke(main, ["build", "--model", str(config_path), "--checkpoints", str(bad), "-o", str(out)])
+    result = cli("build", "--model", config_path, "--checkpoints", bad, "-o", out)
     assert result.exit_code == 2 and "ln_post.weight" in result.output and "NaN" in result.output
     # missing tasks are listed together
-    result = CliRunner().invoke(main, ["build", "--model", str(config_path), "--checkpoints", str(root / "ckpt"),
-                                       "--tasks", "Alpha,Nope,Gone", "-o", str(out)])
+    result = cli("build", "--model", config_path, "--checkpoints", root / "ckpt", "--tasks", "Alpha,Nope,Gone",
+                 "-o", out)
     assert result.exit_code == 2 and "Nope" in result.output and "Gone" in result.output
     # a rank that rounds to zero names the largest task count it allows
-    result = CliRunner().invoke(main, ["build", "--model", str(config_path), "--checkpoints", str(root / "ckpt"),
-                                       "--tasks", ",".join(TASKS), "--rank", "0", "-o", str(out)])
+    result = cli("build", "--model", config_path, "--checkpoints", root / "ckpt", "--tasks", ",".join(TASKS),
+                 "--rank", "0", "-o", out)
     assert result.exit_code == 2 and "rank" in result.output
     assert not out.exists()
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper
 from PIL import Image
 
+from _cli import cli
 from _tinybuild import make_tiny_build
 from mass_export.core.errors import BuildIntegrityError, ConfigError, ProviderError
 from mass_export.runtime import MassRuntime, TaskSetCache, OrtRunner, PathProblem, Preprocessor, expand_paths, load_image
@@ -225,9 +225,7 @@ def test_changed_build_is_refused_by_name(tiny_build, tmp_path):
     (copy / "graphs" / "heads.onnx").unlink()
     with pytest.raises(BuildIntegrityError, match="graphs/heads.onnx: missing"):
         MassRuntime.load(copy)
-    from mass_export_cli.main import main
-
-    result = CliRunner().invoke(main, ["run", str(tmp_path), "--build", str(copy)])
+    result = cli("run", tmp_path, "--build", copy)
     assert result.exit_code == 3 and "refusing a changed build" in result.output
 
 
@@ -302,15 +300,12 @@ def test_mixed_inputs_keep_order_and_failures(runtime, images, tmp_path):
 # --- the command ----------------------------------------------------------------------------------------------
 
 def test_run_command(tiny_build, images, tmp_path):
-    from mass_export_cli.main import main
-
     folder = tmp_path / "imgs"
     folder.mkdir()
     for path in images[:5]:
         shutil.copy(path, folder / path.name)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    runner = CliRunner()
-    result = runner.invoke(main, ["run", str(folder), "--build", str(tiny_build), "--batch-size", "2", "--top-k", "2"])
+    result = cli("run", folder, "--build", tiny_build, "--batch-size", 2, "--top-k", 2)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.exit_code == 1, result.output
     assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in folder.iterdir())
@@ -318,8 +313,8 @@ def test_run_command(tiny_build, images, tmp_path):
     assert "1 failed" in result.stderr
 
     out = tmp_path / "preds.csv"
-    result = runner.invoke(main, ["run", *map(str, images[:3]), "--build", str(tiny_build), "-o", str(out), "--json",
-                                  "--window", "3", "--batch-size", "2", "--cache-bytes", str(64 << 20)])
+    result = cli("run", *images[:3], "--build", tiny_build, "-o", out, "--json", "--window", 3, "--batch-size", 2,
+                 "--cache-bytes", 64 << 20)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["classified"] == 3 and summary["failed"] == 0 and sum(summary["per_task"].values()) == 3
@@ -329,11 +324,11 @@ def test_run_command(tiny_build, images, tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0] == "path,task,class,score,confidence,top_k,task_set,task_probs,error,warning" and len(lines) == 4
 
-    result = runner.invoke(main, ["run", str(folder), "--build", str(tiny_build), "--json"])
+    result = cli("run", folder, "--build", tiny_build, "--json")
     assert result.exit_code == 2 and "--output" in result.output
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = runner.invoke(main, ["run", str(images[0]), "--build", str(tiny_build), "--providers", "nope"])
+        result = cli("run", images[0], "--build", tiny_build, "--providers", "nope")
     assert result.exit_code == 2 and "unknown provider" in result.output
 
 

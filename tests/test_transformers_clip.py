@@ -107,10 +107,9 @@ def test_text_only_file_is_named_as_such(tmp_path):
 
 def test_one_task_build_equals_the_finetuned_model(tmp_path):
     """build --config from transformers dirs; T = 1 keeps full rank, so features equal the fine-tune's own."""
-    from click.testing import CliRunner
+    from _cli import cli
 
     from mass_export.runtime import MassRuntime
-    from mass_export_cli.main import main
 
     pre = layouts.hf_tiny_model(seed=0)
     tuned = layouts.hf_finetune(pre, seed=9, projection=False)  # saved as a CLIPVisionModel: no projection
@@ -125,8 +124,7 @@ def test_one_task_build_equals_the_finetuned_model(tmp_path):
         "    templates: ['a photo of a {}.', 'a {} on a bench.']\n"
         "threads: 1\n")
     out = tmp_path / "build"
-    result = CliRunner().invoke(main, ["build", "--config", str(tmp_path / "tasks.yaml"), "-o", str(out), "--json"],
-                                catch_exceptions=False)
+    result = cli("build", "--config", tmp_path / "tasks.yaml", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest["tasks"] == ["Widgets"] and manifest["validation"]["passed"]
@@ -162,9 +160,7 @@ def test_a_transformers_dir_is_matched_to_its_open_clip_architecture(tmp_path):
 def test_tree_of_transformers_saves_builds_with_names_from_classes_txt(tmp_path):
     """--checkpoints over transformers folders (5's safetensors, 4's pytorch_model.bin, CLIPModel and
     CLIPVisionModel), the pretrained CLIPModel folder inside the same tree and not taken for a task."""
-    from click.testing import CliRunner
-
-    from mass_export_cli.main import main
+    from _cli import cli
 
     pre = layouts.hf_tiny_model(seed=0)
     root = tmp_path / "ckpt"
@@ -175,8 +171,7 @@ def test_tree_of_transformers_saves_builds_with_names_from_classes_txt(tmp_path)
     for task, names in (("Widgets", "cog\nspring\n"), ("Bolts", "hex\ncarriage\nflange\n"), ("Gizmos", "a\nb\n")):
         (root / task / "classes.txt").write_text(names)
     out = tmp_path / "build"
-    result = CliRunner().invoke(main, ["build", "--model", str(root / "clip-base"), "--checkpoints", str(root),
-                                       "--threads", "1", "-o", str(out), "--json"], catch_exceptions=False)
+    result = cli("build", "--model", root / "clip-base", "--checkpoints", root, "--threads", 1, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest["tasks"] == ["Bolts", "Gizmos", "Widgets"] and manifest["validation"]["passed"]

@@ -3,13 +3,12 @@
 import json
 
 import numpy as np
-from click.testing import CliRunner
 
-from mass_export_cli.main import main
+from _cli import cli
 
 
 def invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    result = cli(*args)
     assert result.exit_code == 0, result.output[-3000:]
     return result
 
