@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from mass_export.core import options
 from mass_export.core.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT, EXIT_PARTIAL, EXIT_TOTAL_FAILURE,
                                      BuildExists, OutputRefused, OutputWriteError)
 from mass_export.core.jsonout import strict_dumps
@@ -291,14 +292,14 @@ def exit_status(summary: dict) -> int:
               "depends on the path alone, so N machines or jobs with I = 1..N cover the inputs exactly once.")
 @click.option("--ray", "ray_address", default=None, metavar="ADDRESS", help="Run on Ray Data: 'local' starts a "
               "local Ray cluster, an address (ray://host:10001, auto) joins one. Needs the [ray] extra.")
-@click.option("--ray-workers", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--ray-workers", type=click.IntRange(min=1), default=options.RAY_WORKERS, show_default=True,
               help="Predictor actors (one loaded runtime each) with --ray.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=options.BATCH_SIZE, show_default=True)
 @click.option("--providers", default="cpu", show_default=True,
               help="Comma list in order of preference: cpu, cuda, cuda:N, tensorrt (ONNX Runtime providers).")
 @click.option("--strict-providers", is_flag=True, help="Fail (exit 5) if a requested provider cannot run, "
               "instead of warning and running on what is available.")
-@click.option("--top-classes", "top_k", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--top-classes", "top_k", type=click.IntRange(min=1), default=options.TOP_CLASSES, show_default=True,
               help="Classes listed per image (of the winning head).")
 @click.option("--top-k", "old_top_k", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated spelling of --top-classes.")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mass_export.core import options
+
 # Eigenvalues of a Gram matrix below this fraction of the largest are treated as zero (pseudo-inverse square
 # root), which makes the Gram form equal the polar factor P Q^T even when U_cat is rank-deficient. float64 eigh
 # resolves eigenvalues down to ~n * eps * max (1.7e-13 for n = 768); a larger cutoff drops real directions:
@@ -101,7 +103,7 @@ def tsvm_delta(U: np.ndarray, s: np.ndarray, V: np.ndarray) -> np.ndarray:
     return (A @ B).astype(np.float32)
 
 
-def zscore_softmax(residuals: np.ndarray, tau: float = 1.0) -> np.ndarray:
+def zscore_softmax(residuals: np.ndarray, tau: float = options.default("tau")) -> np.ndarray:
     """Router probabilities from residuals (B, T): softmax of the z-scored negative residuals over tasks."""
     scores = -residuals.astype(np.float64)
     if scores.shape[1] > 1:
@@ -113,7 +115,7 @@ def zscore_softmax(residuals: np.ndarray, tau: float = 1.0) -> np.ndarray:
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def select_task_sets(probs: np.ndarray, eta: float = 0.2, top_k: int = 3) -> list[tuple[int, ...]]:
+def select_task_sets(probs: np.ndarray, eta: float, top_k: int) -> list[tuple[int, ...]]:
     """Per sample: tasks with p > eta, at most top_k of the largest, else the argmax; ascending task order."""
     selected = []
     for row in np.asarray(probs):

@@ -136,6 +136,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
 
 METHOD_OPTIONS = tuple(o for o in OPTIONS.values() if o.method)
 
+# Classifying (`run`, MassRuntime.classify, MassPredictor, Ray): defaults shared by the CLI and the Python API.
+BATCH_SIZE = 16  # images per batch
+TOP_CLASSES = 5  # classes listed per image, of the winning head
+RAY_WORKERS = 2  # predictor actors with `run --ray`
+
 
 def default(name: str):
     return OPTIONS[name].default

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from mass_export.core import options
 from mass_export.core.errors import ConfigError
 from mass_export.runtime.engine import Prediction
 from mass_export.runtime.images import unreadable
@@ -26,20 +27,21 @@ def connect(address: str, workers: int) -> None:
         raise ConfigError("--ray needs Ray Data: pip install 'mass-export[ray]'") from None
     if ray.is_initialized():
         return
-    options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    settings = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address == "local":
         # Each predictor actor holds a CPU for its lifetime; reading needs one more, or the job waits forever.
-        ray.init(num_cpus=max(workers + 1, os.cpu_count() or 1), **options)
+        ray.init(num_cpus=max(workers + 1, os.cpu_count() or 1), **settings)
     else:
-        ray.init(address=address, **options)
+        ray.init(address=address, **settings)
 
 
 def _key(path) -> str:
     return os.path.realpath(os.fspath(path))
 
 
-def classify_on_ray(items: list, build: Path, address: str = "local", workers: int = 2, batch_size: int = 16,
-                    providers=("cpu",), threads: int | None = None, top_classes: int = 5) -> Iterator[dict]:
+def classify_on_ray(items: list, build: Path, address: str = "local", workers: int = options.RAY_WORKERS,
+                    batch_size: int = options.BATCH_SIZE, providers=("cpu",), threads: int | None = None,
+                    top_classes: int = options.TOP_CLASSES) -> Iterator[dict]:
     """One `run` row per item, in input order."""
     import ray
 

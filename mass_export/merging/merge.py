@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mass_export.core import options
 from mass_export.core.errors import CheckpointError, ConfigError
 from mass_export.core.taskweights import QKV_PARTS
 
@@ -179,7 +180,7 @@ def reconstruction(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.T
     return (U * s[:, None, :]) @ V
 
 
-def non_redundant_tasks(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, threshold: float = 0.3) -> list[int]:
+def non_redundant_tasks(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, threshold: float) -> list[int]:
     """Greedy in task order: skip a task whose truncated delta has cosine > threshold with an accepted one."""
     flat = torch.nn.functional.normalize(reconstruction(U.double(), s.double(), V.double()).flatten(1), dim=1)
     accepted: list[int] = []
@@ -214,7 +215,8 @@ def non_redundant(factors: TaskFactors, threshold: float) -> dict[str, list[int]
     return {key: non_redundant_tasks(factors.U[key], factors.s[key], factors.V[key], threshold) for key in factors.U}
 
 
-def base_tasks(factors: TaskFactors, base: str = "no-redundancy", threshold: float = 0.3) -> dict[str, list[int]]:
+def base_tasks(factors: TaskFactors, base: str = options.default("base"),
+               threshold: float = options.default("redundancy_threshold")) -> dict[str, list[int]]:
     """Per 2-D key, the tasks that take part in theta_MT."""
     if base not in BASES:
         raise ConfigError(f"unknown --base {base!r}: choose {' or '.join(BASES)}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from mass_export.core import options
+
 
 def projection_residuals(features: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """r_i = ||z - V_i^T V_i z|| for features z (B, d) and stacked task bases V (T, k, d) -> (B, T)."""
@@ -15,7 +17,7 @@ def projection_residuals(features: torch.Tensor, basis: torch.Tensor) -> torch.T
     return torch.linalg.vector_norm(features[:, None, :] - projected, dim=-1)
 
 
-def routing_probabilities(residuals: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def routing_probabilities(residuals: torch.Tensor, tau: float = options.default("tau")) -> torch.Tensor:
     """softmax over tasks of z-scored (-residuals) / tau; std is torch.std's unbiased estimator."""
     scores = -residuals
     if scores.shape[1] > 1:
@@ -23,7 +25,7 @@ def routing_probabilities(residuals: torch.Tensor, tau: float = 1.0) -> torch.Te
     return torch.softmax(scores / tau, dim=1)
 
 
-def select_tasks(probs: torch.Tensor, eta: float = 0.2, top_k: int = 3) -> list[tuple[int, ...]]:
+def select_tasks(probs: torch.Tensor, eta: float, top_k: int) -> list[tuple[int, ...]]:
     """Tasks with p > eta, the top_k most probable of them, else the argmax; sorted by task index."""
     chosen = []
     for row in probs:
@@ -36,7 +38,7 @@ def select_tasks(probs: torch.Tensor, eta: float = 0.2, top_k: int = 3) -> list[
 class Router(torch.nn.Module):
     """The router graph: (route_feature, router_basis) -> (probs, residuals)."""
 
-    def __init__(self, tau: float = 1.0):
+    def __init__(self, tau: float = options.default("tau")):
         super().__init__()
         self.tau = tau
 

@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file
 from threadpoolctl import ThreadpoolController
 
+from mass_export.core import options
 from mass_export.core.errors import BuildIntegrityError, ConfigError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
 from mass_export.core.manifest import head_slices, read_manifest
@@ -357,7 +358,7 @@ class MassRuntime:
 
     # --- predictions ------------------------------------------------------------------------------------------
 
-    def predict(self, pixel_values: np.ndarray, top_k: int = 5, task_sets=None, probs=None,
+    def predict(self, pixel_values: np.ndarray, top_k: int = options.TOP_CLASSES, task_sets=None, probs=None,
                 batch_size: int | None = None, form: str | None = None) -> list[Prediction]:
         """Both passes on preprocessed pixels (B, 3, H, W); images sharing a task set run together.
 
@@ -405,8 +406,8 @@ class MassRuntime:
                 raise
             return None, path, f"preprocessing failed ({type(error).__name__}: {error})", None
 
-    def classify_batches(self, items: Iterable, batch_size: int = 16, top_k: int = 5,
-                         window: int | None = None) -> Iterator[list[Prediction]]:
+    def classify_batches(self, items: Iterable, batch_size: int = options.BATCH_SIZE,
+                         top_k: int = options.TOP_CLASSES, window: int | None = None) -> Iterator[list[Prediction]]:
         """Predictions in input order, ``batch_size`` at a time.
 
         window: images routed before any second pass (default ``DEFAULT_WINDOW_BATCHES * batch_size``): the
@@ -455,7 +456,7 @@ class MassRuntime:
         routed = [self.route(pixels[start:start + batch_size]) for start in range(0, len(pixels), batch_size)]
         return np.concatenate([p for p, _ in routed]), [s for _, sets in routed for s in sets]
 
-    def classify(self, items: Iterable, batch_size: int = 16, top_k: int = 5,
+    def classify(self, items: Iterable, batch_size: int = options.BATCH_SIZE, top_k: int = options.TOP_CLASSES,
                  window: int | None = None, ids: Iterable | None = None) -> list[Prediction]:
         """One Prediction per item (a path, encoded bytes, a PIL image or an HWC uint8 array), in order.
 

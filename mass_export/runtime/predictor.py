@@ -23,6 +23,7 @@ import json
 
 import numpy as np
 
+from mass_export.core import options
 from mass_export.core.errors import ConfigError
 from mass_export.runtime.engine import MassRuntime, Prediction
 
@@ -65,8 +66,8 @@ def _plain(value):
 class MassPredictor:
     """One loaded runtime; ``__call__`` classifies a columnar batch."""
 
-    def __init__(self, build, providers=("cpu",), threads: int | None = None, batch_size: int = 16,
-                 top_classes: int = 5, cache_size: int | None = None):
+    def __init__(self, build, providers=("cpu",), threads: int | None = None, batch_size: int = options.BATCH_SIZE,
+                 top_classes: int = options.TOP_CLASSES, cache_size: int | None = None):
         self.runtime = MassRuntime.load(build, providers=providers, threads=threads, cache_size=cache_size)
         self.batch_size, self.top_classes = batch_size, top_classes
 
