@@ -108,9 +108,9 @@ class Stream:
         self.rng = np.random.default_rng(seed)
         self.images, self.position = None, 0
         if name not in STREAMS:
-            from mass_export.runtime.images import expand_paths
+            from mass_export.runtime.images import PathProblem, expand_paths
 
-            paths = [p for p in expand_paths([Path(name)])]
+            paths = [p for p in expand_paths([Path(name)]) if not isinstance(p, PathProblem)]
             if not paths:
                 raise ValueError(f"stream {name!r}: no images there (give homogeneous, mixed or a folder of images)")
             self.images = paths
