@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -529,7 +530,12 @@ def test_a_closed_stdout_stops_quietly_with_141(tiny, env, images):
     process = subprocess.Popen([sys.executable, "-m", "mass_export_cli", "run", *map(str, images * 20), "--build",
                                 str(tiny), "--batch-size", "1", "--no-progress"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, env=env, cwd=REPO)
-    first = process.stdout.readline()
+    watchdog = threading.Timer(TIMEOUT, process.kill)  # the first row's read has a timeout too
+    watchdog.start()
+    try:
+        first = process.stdout.readline()
+    finally:
+        watchdog.cancel()
     process.stdout.close()  # as `| head -1` does
     _, stderr = process.communicate(timeout=TIMEOUT)
     assert json.loads(first)["path"] == str(images[0])
