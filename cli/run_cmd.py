@@ -361,6 +361,7 @@ def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_wo
         raise click.UsageError("--resume adds to an existing --output: give --output, and not --force")
     onnxruntime.set_default_logger_severity(3)  # ORT's own fallback chatter; provider checks report it clearly
 
+    max_pixels = int(max_megapixels * 1e6)
     items = expand_arguments([os.fspath(p) for p in paths], sys.stdin)
     if shard:
         items = shard_items(items, *parse_shard(shard))
@@ -378,14 +379,13 @@ def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_wo
         try:
             with locked(build_dir, shared=True, what="being rebuilt"), _warnings_as_lines():
                 runtime, tasks, active = load_runner(build_dir, ray_address, ray_workers, providers,
-                                                     strict_providers, cache_size, cache_bytes, threads,
-                                                     max_megapixels)
+                                                     strict_providers, cache_size, cache_bytes, threads, max_pixels)
             sink.start()
         except BaseException:
             sink.abandon()
             raise
         batches = prediction_batches(runtime, items, build_dir, ray_address, ray_workers, batch_size, providers,
-                                     threads, top_k, window)
+                                     threads, top_k, window, max_pixels)
         summary = classify_all(batches, len(items), tasks, active, sink, progress)
         summary.update(_runtime_counters(runtime))
         sink.close()
@@ -396,7 +396,7 @@ def run(paths, build_dir, output, force, fmt, resume, shard, ray_address, ray_wo
 
 
 def load_runner(build_dir: Path, ray_address: str | None, ray_workers: int, providers: str, strict_providers: bool,
-                cache_size, cache_bytes, threads, max_megapixels: float):
+                cache_size, cache_bytes, threads, max_pixels: int):
     """(the loaded runtime, or None with --ray; the build's tasks; what runs the graphs, for the summary)."""
     if ray_address:
         from mass_export.core.manifest import read_manifest
@@ -409,12 +409,12 @@ def load_runner(build_dir: Path, ray_address: str | None, ray_workers: int, prov
 
     runtime = MassRuntime.load(build_dir, providers=providers, strict_providers=strict_providers,
                                cache_size=cache_size, cache_bytes=cache_bytes, threads=threads)
-    runtime.max_pixels = int(max_megapixels * 1e6)
+    runtime.max_pixels = max_pixels
     return runtime, runtime.tasks, runtime.providers["encoder"]
 
 
 def prediction_batches(runtime, items: list, build_dir: Path, ray_address: str | None, ray_workers: int,
-                       batch_size: int, providers: str, threads, top_k: int, window):
+                       batch_size: int, providers: str, threads, top_k: int, window, max_pixels: int):
     """Predictions (with --ray, the rows the workers made) ``batch_size`` at a time, in input order: the runtime's
     batch loop, on this machine or inside each Ray worker."""
     from mass_export.runtime.sources import batched
@@ -424,7 +424,7 @@ def prediction_batches(runtime, items: list, build_dir: Path, ray_address: str |
     from mass_export.distributed.ray_job import classify_on_ray
 
     rows = classify_on_ray(items, build_dir, ray_address, ray_workers, batch_size,
-                           [p.strip() for p in providers.split(",")], threads, top_k)
+                           [p.strip() for p in providers.split(",")], threads, top_k, max_pixels)
     return batched(rows, batch_size)
 
 

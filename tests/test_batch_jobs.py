@@ -103,6 +103,18 @@ def test_predictor_columns_equal_the_runtime_rows_without_ray(tiny_build, images
         predictor.runtime.classify(arrays, ids=["a", "b"])
 
 
+def test_predictor_refuses_oversized_images_as_a_local_run_does(tiny_build, images):
+    """`run --max-megapixels` reaches the Ray workers' predictor: an image over the limit is an error row there
+    too, with the same message as a local run's."""
+    encoded = [p.read_bytes() for p in images[:2]]
+    columns = MassPredictor(tiny_build, threads=1, max_pixels=1000)({"bytes": np.asarray(encoded, dtype=object)})
+    runtime = MassRuntime.load(tiny_build, threads=1)
+    runtime.max_pixels = 1000
+    local = runtime.classify(images[:2])
+    assert list(columns["error"]) == [p.error for p in local] and all("megapixels" in p.error for p in local)
+    assert all(task is None for task in columns["task"])
+
+
 def test_ray_local_cluster_writes_the_same_rows_as_a_local_run(tiny_build, folder, tmp_path):
     ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
     from mass_export.distributed.ray_job import classify_on_ray

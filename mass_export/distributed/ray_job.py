@@ -41,7 +41,7 @@ def _key(path) -> str:
 
 def classify_on_ray(items: list, build: Path, address: str = "local", workers: int = options.RAY_WORKERS,
                     batch_size: int = options.BATCH_SIZE, providers=("cpu",), threads: int | None = None,
-                    top_classes: int = options.TOP_CLASSES) -> Iterator[dict]:
+                    top_classes: int = options.TOP_CLASSES, max_pixels: int | None = None) -> Iterator[dict]:
     """One `run` row per item, in input order."""
     import ray
 
@@ -59,7 +59,7 @@ def classify_on_ray(items: list, build: Path, address: str = "local", workers: i
         predicted = dataset.map_batches(
             MassPredictor, fn_constructor_kwargs={"build": str(Path(build).resolve()), "providers": tuple(providers),
                                                   "threads": threads, "batch_size": batch_size,
-                                                  "top_classes": top_classes},
+                                                  "top_classes": top_classes, "max_pixels": max_pixels},
             compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size * 4, num_gpus=gpus,
             batch_format="numpy")
         given = dict(readable)

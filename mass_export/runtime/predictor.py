@@ -67,8 +67,10 @@ class MassPredictor:
     """One loaded runtime; ``__call__`` classifies a columnar batch."""
 
     def __init__(self, build, providers=("cpu",), threads: int | None = None, batch_size: int = options.BATCH_SIZE,
-                 top_classes: int = options.TOP_CLASSES, cache_size: int | None = None):
+                 top_classes: int = options.TOP_CLASSES, cache_size: int | None = None, max_pixels: int | None = None):
         self.runtime = MassRuntime.load(build, providers=providers, threads=threads, cache_size=cache_size)
+        if max_pixels is not None:  # `run --max-megapixels`, as a local run applies it
+            self.runtime.max_pixels = max_pixels
         self.batch_size, self.top_classes = batch_size, top_classes
 
     def __call__(self, batch: dict) -> dict[str, np.ndarray]:
