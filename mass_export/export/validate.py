@@ -94,6 +94,7 @@ class BuildUnderTest:
     weights: dict = field(default_factory=dict)  # task set -> dense theta(S), at most WEIGHT_SETS_HELD
 
     def task_set_weights(self, task_set) -> dict:
+        """Dense theta(S) by the numpy Gram form, as the encoder graph is fed at run time."""
         if task_set not in self.weights:
             if len(self.weights) >= WEIGHT_SETS_HELD:  # a real-size tower per entry: keep memory bounded
                 self.weights.pop(next(iter(self.weights)))
@@ -101,6 +102,7 @@ class BuildUnderTest:
         return self.weights[task_set]
 
     def heads_logits(self, features) -> np.ndarray:
+        """Every head's logits from the heads graph."""
         return _run(self.graphs["heads"], {"image_features": features, "heads": self.heads})[0]
 
     def pick(self, logits_row, task_set) -> tuple[int, int]:
@@ -110,6 +112,7 @@ class BuildUnderTest:
 
 
 def open_build(root: Path, progress: bool) -> BuildUnderTest:
+    """The build's parts and an ONNX Runtime session per graph; theta_MT made once (unless routing on theta_pre)."""
     manifest = read_manifest(root)
     setup = tqdm(total=3, desc="validation: loading the build", unit="step", disable=not progress)
     stored = StoredTasks.from_flat(load_file(str(root / "pretrained.safetensors")),

@@ -18,9 +18,9 @@ from mass_export.nn.tower import FullTower, RoutePrefix, run_with
 
 @dataclass(frozen=True)
 class Method:
-    """MASS's parameters; defaults and ranges are those of mass_export.core.options (the authors' code; README, "The
-    method as built"). ``top_k`` is the CLI's ``--max-tasks`` (at most this many tasks per image), kept as ``top_k`` in the
-    manifest of format mass-export/1."""
+    """MASS's parameters; defaults and ranges are those of mass_export.core.options (the authors' code; README,
+    "The method as built"). ``top_k`` is the CLI's ``--max-tasks`` (at most this many tasks per image), kept as
+    ``top_k`` in the manifest of format mass-export/1."""
 
     routing_layer: int = options.field("routing_layer")
     alpha: float = options.field("alpha")
