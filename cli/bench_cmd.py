@@ -5,25 +5,28 @@ from pathlib import Path
 import click
 
 from mass_export.core.jsonout import strict_dumps
+from mass_export.evaluation import BENCH_BATCH_SIZES, BENCH_ITERATIONS, BENCH_SEED, BENCH_STREAMS, BENCH_WARMUP
 
 
 @click.command()
 @click.option("--build", "build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Build directory. Default: the demo zoo's build (made if missing).")
-@click.option("--batch-sizes", default="1,16", help="Comma-separated batch sizes.")
-@click.option("--warmup", type=int, default=2, help="Untimed rounds per batch size.")
-@click.option("--iterations", type=int, default=10, help="Timed rounds per batch size.")
+@click.option("--batch-sizes", default=",".join(map(str, BENCH_BATCH_SIZES)), show_default=True,
+              help="Comma-separated batch sizes.")
+@click.option("--warmup", type=int, default=BENCH_WARMUP, show_default=True, help="Untimed rounds per batch size.")
+@click.option("--iterations", type=int, default=BENCH_ITERATIONS, show_default=True,
+              help="Timed rounds per batch size.")
 @click.option("--providers", default="cpu", help="cpu, cuda, tensorrt (comma-separated, in preference order).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (ONNX Runtime and torch).")
 @click.option("--torch/--no-torch", "with_torch", default=True, help="Also time the torch reference two-pass "
               "(naive, and early exit with cached task-set weights).")
 @click.option("--peak-tflops", type=float, default=None, help="Device peak for model FLOPs utilisation "
               "(default: from a table of known GPUs).")
-@click.option("--stream", "streams", default="homogeneous,mixed", show_default=True,
+@click.option("--stream", "streams", default=",".join(BENCH_STREAMS), show_default=True,
               help="Comma list of streams: homogeneous (the same photos every batch, routed), mixed (task sets "
               "drawn per image: own task uniform, 1/2/3 tasks with p 0.28/0.63/0.09, partners uniform; seeded), "
               "or a folder / image file list (real images in order, routed).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mixed stream's draws.")
+@click.option("--seed", type=int, default=BENCH_SEED, show_default=True, help="Seed of the mixed stream's draws.")
 @click.option("--cache-bytes", type=click.IntRange(min=0), default=None,
               help="Task-set cache budget of each runtime (default: from available memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")

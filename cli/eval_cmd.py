@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from mass_export.core.jsonout import strict_dumps
+from mass_export.evaluation import EVAL_BATCH_SIZE, EVAL_TA_LAMBDA
 
 
 @click.command("eval")
@@ -19,9 +20,9 @@ from mass_export.core.jsonout import strict_dumps
               help="Comma-separated routing layers to also score MASS with, or 'all'.")
 @click.option("--runtime/--no-runtime", "with_runtime", default=True, help="Also score MASS through the "
               "exported ONNX runtime and report its agreement with the torch reference.")
-@click.option("--ta-lambda", type=float, default=0.3, help="Task-arithmetic scaling.")
+@click.option("--ta-lambda", type=float, default=EVAL_TA_LAMBDA, show_default=True, help="Task-arithmetic scaling.")
 @click.option("--limit", type=int, default=None, help="At most this many test images per task.")
-@click.option("--batch-size", type=int, default=256)
+@click.option("--batch-size", type=int, default=EVAL_BATCH_SIZE, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema mass-export/eval/1).")
 def eval_command(build_dir, checkpoints, data, sweep, with_runtime, ta_lambda, limit, batch_size, as_json):
     """Accuracy per task and on average of zero-shot, fine-tuned, task arithmetic, TSV-M (plain and

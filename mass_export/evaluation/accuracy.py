@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mass_export.core.manifest import read_manifest
+from mass_export.evaluation import EVAL_BATCH_SIZE, EVAL_TA_LAMBDA
 
 SCHEMA = "mass-export/eval/1"
 
@@ -304,8 +305,8 @@ def routing_layer_scores(ev: Evaluation, layer: int, finetuned: dict | None) -> 
 
 
 def evaluate(build_dir: Path, checkpoints: Path | None = None, data: Path | None = None,
-             routing_layers=None, with_runtime: bool = True, ta_lambda: float = 0.3, limit: int | None = None,
-             batch_size: int = 256, progress: bool = True) -> dict:
+             routing_layers=None, with_runtime: bool = True, ta_lambda: float = EVAL_TA_LAMBDA,
+             limit: int | None = None, batch_size: int = EVAL_BATCH_SIZE, progress: bool = True) -> dict:
     from mass_export.runtime.preprocess import Preprocessor
 
     build_dir = Path(build_dir)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from mass_export.core import options
+from mass_export.evaluation import (BENCH_BATCH_SIZES, BENCH_ITERATIONS, BENCH_SEED, BENCH_STREAMS,
+                                   BENCH_WARMUP)
 from mass_export.core.lowrank import group_by_task_set
 from mass_export.core.manifest import read_manifest
 
@@ -82,7 +84,7 @@ def plain_graph(build_dir: Path, manifest: dict, out: Path) -> Path:
 # probabilities (the router's mix on the demo zoo's 4,200 test images), partners uniform among the other tasks.
 MIXED_SET_SIZES = (1, 2, 3)
 MIXED_SIZE_PROBABILITIES = (0.28, 0.63, 0.09)
-STREAMS = ("homogeneous", "mixed")
+STREAMS = BENCH_STREAMS
 
 
 def draw_task_sets(rng: np.random.Generator, num_tasks: int, count: int) -> list[tuple[int, ...]]:
@@ -320,9 +322,10 @@ def bench_stream(build_dir: Path, stream_name: str, batch: int, pixels: np.ndarr
     return rows
 
 
-def run_bench(build_dir, batch_sizes=(1, 16), warmup: int = 2, iterations: int = 10, providers=("cpu",),
+def run_bench(build_dir, batch_sizes=BENCH_BATCH_SIZES, warmup: int = BENCH_WARMUP, iterations: int = BENCH_ITERATIONS,
+              providers=("cpu",),
               threads: int | None = None, with_torch: bool = True, peak_tflops: float | None = None,
-              progress: bool = True, streams=STREAMS, seed: int = 0, cache_bytes: int | None = None) -> dict:
+              progress: bool = True, streams=STREAMS, seed: int = BENCH_SEED, cache_bytes: int | None = None) -> dict:
     """Time the plain pass and the two-pass runtime on each stream, interleaved round by round; see
     benchmarks/README.md for what each stream and row means."""
     from mass_export.runtime import MassRuntime

@@ -90,7 +90,7 @@ def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return values[..., -rank:].flip(-1), vectors[..., -rank:].flip(-1)
 
 
-def top_singular_triplets(matrix: torch.Tensor, rank: int, device: str = "cpu"
+def top_singular_triplets(matrix: torch.Tensor, rank: int, device: str = options.default("device")
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-``rank`` factors of ``matrix``'s SVD, fp32 (U (m, k), s (k), V (k, n)), from a float64
     eigen-decomposition of the smaller Gram matrix: G = A^T A = W diag(s^2) W^T, U = A W / s. Same
@@ -114,8 +114,9 @@ def top_singular_triplets(matrix: torch.Tensor, rank: int, device: str = "cpu"
     return U.float().cpu().contiguous(), s.float().cpu().contiguous(), W.T.float().cpu().contiguous()
 
 
-def truncate_task(delta: dict[str, torch.Tensor], num_tasks: int, rank: int | None = None,
-                  split: bool = True, device: str = "cpu") -> dict[str, tuple]:
+def truncate_task(delta: dict[str, torch.Tensor], num_tasks: int, rank: int | None = options.default("rank"),
+                  split: bool = options.default("split_qkv"), device: str = options.default("device")
+                  ) -> dict[str, tuple]:
     """One task's stored parts: (U, s, V) for each 2-D key, the whole delta for the others."""
     delta = split_qkv(delta) if split else delta
     parts = {}
@@ -158,7 +159,8 @@ def stack_tasks(parts: list[dict[str, tuple]]) -> TaskFactors:
     return factors
 
 
-def task_factors(deltas: list[dict[str, torch.Tensor]], rank: int | None = None, split: bool = True) -> TaskFactors:
+def task_factors(deltas: list[dict[str, torch.Tensor]], rank: int | None = options.default("rank"),
+                 split: bool = options.default("split_qkv")) -> TaskFactors:
     return stack_tasks([truncate_task(d, len(deltas), rank, split) for d in deltas])
 
 
@@ -223,9 +225,9 @@ def base_tasks(factors: TaskFactors, base: str = options.default("base"),
     return BASES[base](factors, threshold)
 
 
-def merged_tower(pretrained: dict[str, torch.Tensor], factors: TaskFactors, tasks, alpha: float = 1.0,
-                 per_key_tasks: dict[str, list[int]] | None = None, progress: str | None = None
-                 ) -> dict[str, torch.Tensor]:
+def merged_tower(pretrained: dict[str, torch.Tensor], factors: TaskFactors, tasks,
+                 alpha: float = options.default("alpha"), per_key_tasks: dict[str, list[int]] | None = None,
+                 progress: str | None = None) -> dict[str, torch.Tensor]:
     """theta_pre + alpha * TSV-M(tasks) (2-D keys; ``per_key_tasks`` overrides the set per key) and
     theta_pre + alpha * mean of the tasks' deltas (other keys). Keys are the canonical (fused) ones.
     ``progress``: a progress bar's title (a real-size theta_MT takes minutes of float64 SVDs)."""
