@@ -53,8 +53,8 @@ def gram(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return left.astype(np.float64) @ right.astype(np.float64)
 
 
-def tsvm_factors_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                      dtype=np.float32) -> list[tuple[np.ndarray, np.ndarray]]:
+def tsvm_factors_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dtype=np.float32,
+                      grams: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(A, B) with A @ B = TSV-M for each (U, s, V) of ``parts`` (rank |S|k each), in ``dtype``.
 
     Usually A = U_cat M (m, Sk) and B = V_cat (Sk, n) with M = G_U^(-1/2) diag(s_cat) G_V^(-1/2). M comes
@@ -63,6 +63,8 @@ def tsvm_factors_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     ill-conditioned (``WELL_CONDITIONED``; e.g. all T tasks, |S|k = min(m, n)) the float32 form would cancel,
     so that key gets the balanced form A = U_perp diag(s_cat), B = V_perp (both polar factors, orthonormal,
     computed in float64): the same product, no large entries. ``dtype=np.float64`` is the all-float64 form.
+    grams: each part's (G_U, G_V) in float64 when the caller has them (``taskweights.GramBlocks`` assembles
+    them from cached per-pair blocks), else they are computed here.
     """
     cats = [concatenated(U, s, V, dtype) for U, s, V in parts]
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(cats)
@@ -70,8 +72,12 @@ def tsvm_factors_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     for index, (_, s_cat, _) in enumerate(cats):
         by_rank.setdefault(len(s_cat), []).append(index)
     for indices in by_rank.values():
-        grams_u = np.stack([gram(cats[i][0].T, cats[i][0]) for i in indices])
-        grams_v = np.stack([gram(cats[i][2], cats[i][2].T) for i in indices])
+        if grams is None:
+            grams_u = np.stack([gram(cats[i][0].T, cats[i][0]) for i in indices])
+            grams_v = np.stack([gram(cats[i][2], cats[i][2].T) for i in indices])
+        else:
+            grams_u = np.stack([grams[i][0] for i in indices])
+            grams_v = np.stack([grams[i][1] for i in indices])
         # No shortcut for a single task: the polar step the reference applies must be applied here too.
         roots_u, spread_u = inverse_sqrt_psd(grams_u, with_spread=True)
         roots_v, spread_v = inverse_sqrt_psd(grams_v, with_spread=True)

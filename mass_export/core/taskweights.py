@@ -7,6 +7,7 @@ no-redundancy pass may drop some per key).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,17 +47,84 @@ def weight_key(factor_key: str) -> tuple[str, int | None]:
     return factor_key, None
 
 
+class GramBlocks:
+    """Per factor key, the float64 Gram blocks U_i^T U_j and V_i V_j^T of task pairs (i <= j), kept once computed.
+
+    A task set's Gram matrices G_U = U_cat^T U_cat and G_V = V_cat V_cat^T are made of these k x k blocks, so
+    assembling them costs nothing once each pair has been seen: a pair's m x k x k products are paid once per
+    load, not once per task set (they were about half of preparing a 2-task set's factors on ViT-B-16). The
+    blocks are the same float64 numbers a full product would give (up to summation order), so nothing changes
+    in exactness. Loading theta_MT computes every pair of its tasks anyway and fills the store then.
+    Bounded: a block that would take the store past ``capacity_bytes`` is computed and not kept. All blocks of
+    all pairs take 2 * T(T+1)/2 * k^2 * 8 bytes per key (``full_bytes``; ViT-B-16, T = 8: 382 MB).
+    """
+
+    def __init__(self, stored: StoredTasks, capacity_bytes: int | None = None):
+        self.stored = stored
+        self.capacity_bytes = self.full_bytes(stored) if capacity_bytes is None else int(capacity_bytes)
+        self._blocks: dict[tuple[str, str, int, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.bytes = self.computed = 0
+
+    @staticmethod
+    def full_bytes(stored: StoredTasks) -> int:
+        total = 0
+        for parts in stored.factors.values():
+            tasks, k = parts["s"].shape
+            total += 2 * tasks * (tasks + 1) // 2 * k * k * 8
+        return total
+
+    def _block(self, factor_key: str, side: str, i: int, j: int) -> np.ndarray:
+        """U_i^T U_j (side "U") or V_i V_j^T (side "V"), i <= j, float64."""
+        name = (factor_key, side, i, j)
+        found = self._blocks.get(name)
+        if found is not None:
+            return found
+        parts = self.stored.factors[factor_key]
+        if side == "U":
+            block = parts["U"][i].astype(np.float64).T @ parts["U"][j].astype(np.float64)
+        else:
+            block = parts["V"][i].astype(np.float64) @ parts["V"][j].astype(np.float64).T
+        with self._lock:
+            self.computed += 1
+            if name not in self._blocks and self.bytes + block.nbytes <= self.capacity_bytes:
+                self._blocks[name] = block
+                self.bytes += block.nbytes
+        return block
+
+    def grams(self, factor_key: str, tasks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(G_U, G_V), each (|S|k, |S|k) float64, of these tasks (in this order) for one factor key."""
+        k = self.stored.factors[factor_key]["s"].shape[1]
+        out = []
+        for side in ("U", "V"):
+            full = np.empty((len(tasks) * k, len(tasks) * k))
+            for a, i in enumerate(tasks):
+                for b in range(a, len(tasks)):
+                    block = self._block(factor_key, side, i, tasks[b])
+                    full[a * k:(a + 1) * k, b * k:(b + 1) * k] = block
+                    if b != a:
+                        full[b * k:(b + 1) * k, a * k:(a + 1) * k] = block.T
+            out.append(full)
+        return out[0], out[1]
+
+    def info(self) -> dict:
+        with self._lock:
+            return {"blocks": len(self._blocks), "bytes": self.bytes, "capacity_bytes": self.capacity_bytes,
+                    "computed": self.computed}
+
+
 def _chosen_tasks(parts: dict[str, np.ndarray], tasks: tuple[int, ...], base: bool) -> list[int]:
     return [t for t in tasks if parts["base"][t]] if base else list(tasks)
 
 
-def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32) -> dict[str, tuple]:
+def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32,
+                     blocks: GramBlocks | None = None) -> dict[str, tuple]:
     """Per factor key of the wanted weights: (A, B) in ``dtype`` with A @ B = TSV-M of the key's tasks (see
     ``mass_export.core.lowrank``); keys whose task list is empty (theta_MT's no-redundancy pass) are left out.
-    The eigen-decompositions run batched across keys."""
+    The eigen-decompositions run batched across keys; the Gram matrices come from ``blocks`` when given."""
     tasks = tuple(tasks)
     wanted = None if keys is None else set(keys)
-    selected = {}
+    selected, grams = {}, []
     for factor_key, parts in stored.factors.items():
         if wanted is not None and weight_key(factor_key)[0] not in wanted:
             continue
@@ -64,7 +132,10 @@ def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, 
         if chosen:
             index = np.asarray(chosen, dtype=np.int64)
             selected[factor_key] = (parts["U"][index], parts["s"][index], parts["V"][index])
-    return dict(zip(selected, tsvm_factors_many(list(selected.values()), dtype)))
+            if blocks is not None:
+                grams.append(blocks.grams(factor_key, chosen))
+    return dict(zip(selected, tsvm_factors_many(list(selected.values()), dtype,
+                                                grams if blocks is not None else None)))
 
 
 def mean_deltas(stored: StoredTasks, tasks, keys=None) -> dict[str, np.ndarray]:
@@ -75,7 +146,8 @@ def mean_deltas(stored: StoredTasks, tasks, keys=None) -> dict[str, np.ndarray]:
             for key, delta in stored.deltas.items() if keys is None or key in keys}
 
 
-def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False) -> dict[str, np.ndarray]:
+def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False,
+                     blocks: GramBlocks | None = None) -> dict[str, np.ndarray]:
     """fp32 weights for the graph inputs: theta(tasks), or theta_MT when ``base`` (then ``tasks`` = all).
 
     Each 2-D weight is theta_pre + alpha * A @ B computed in float32 straight into its output array (no float64
@@ -87,7 +159,7 @@ def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False) 
     wanted = None if keys is None else set(keys)
     dtype = np.float64 if base else np.float32
     out: dict[str, np.ndarray] = {}
-    for factor_key, (A, B) in task_set_factors(stored, tasks, keys, base, dtype).items():
+    for factor_key, (A, B) in task_set_factors(stored, tasks, keys, base, dtype, blocks).items():
         key, block = weight_key(factor_key)
         if key not in out:
             out[key] = np.array(stored.pretrained[key], dtype=dtype, copy=True)
@@ -116,13 +188,14 @@ def stack_parts(factors: dict[str, tuple], key: str) -> tuple[np.ndarray, np.nda
     return np.stack([A for A, _ in parts]), np.stack([B for _, B in parts])
 
 
-def low_rank_inputs(stored: StoredTasks, tasks, keys, linear_keys) -> dict[str, np.ndarray]:
+def low_rank_inputs(stored: StoredTasks, tasks, keys, linear_keys,
+                    blocks: GramBlocks | None = None) -> dict[str, np.ndarray]:
     """The low-rank encoder's per-task-set inputs: ``K.A`` (P, m/P, R, alpha folded in) and ``K.B`` (P, R, n)
     for every linear key K, and dense theta(S) for the other ``keys``."""
     linear_keys = list(linear_keys)
     linear = set(linear_keys)
-    factors = task_set_factors(stored, tasks, linear_keys)
-    out = task_set_weights(stored, tasks, keys=[k for k in keys if k not in linear])
+    factors = task_set_factors(stored, tasks, linear_keys, blocks=blocks)
+    out = task_set_weights(stored, tasks, keys=[k for k in keys if k not in linear], blocks=blocks)
     for key in linear_keys:
         A, B = stack_parts(factors, key)
         name_a, name_b = factor_input_names(key)

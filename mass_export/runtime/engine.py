@@ -28,16 +28,18 @@ from threadpoolctl import ThreadpoolController
 from mass_export.core.errors import BuildIntegrityError, ConfigError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
 from mass_export.core.manifest import read_manifest
-from mass_export.core.taskweights import StoredTasks, dense_from_low_rank, low_rank_inputs, task_set_weights
+from mass_export.core.taskweights import (GramBlocks, StoredTasks, dense_from_low_rank, low_rank_inputs,
+                                         task_set_weights)
 from mass_export.runtime.backends import Runner, check_providers, make_runner
 from mass_export.runtime.images import DEFAULT_MAX_PIXELS, as_image
 from mass_export.runtime.planner import SecondPassPlanner
 from mass_export.runtime.preprocess import Preprocessor
-from mass_export.runtime.taskcache import TaskSetCache
+from mass_export.runtime.taskcache import TaskSetCache, default_cache_bytes
 
 GRAPHS = ("prefix", "router", "encoder", "heads")
 OPTIONAL_GRAPHS = ("lowrank",)  # builds made before it have none: their second pass is dense only
 DEFAULT_WINDOW_BATCHES = 8  # classify_batches routes this many batches before the second passes
+GRAM_SHARE = 0.25  # at most this share of cache_bytes holds the Gram blocks of task pairs (GramBlocks)
 
 
 @dataclass
@@ -135,12 +137,17 @@ class MassRuntime:
         # ONNX Runtime's own threads on the same cores ran preparation 5-8x slower on a busy 2-core machine.
         self.prepare_threads = prepare_threads
         self._blas = ThreadpoolController() if prepare_threads else None
+        # Memory for prepared state: the Gram blocks of task pairs (small, reused by every set holding the pair)
+        # take what they need up to GRAM_SHARE; prepared task sets the rest.
+        cache_bytes = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
+        self.gram_blocks = GramBlocks(stored, min(GramBlocks.full_bytes(stored), max(0, int(GRAM_SHARE * cache_bytes))))
         # theta_MT is prepared (and on a GPU uploaded) once; task sets' weights go through the cache.
         if method.get("router_on", "merged") == "pretrained":
             theta_mt = {k: stored.pretrained[k] for k in prefix_keys}
         else:
             with self.preparation_threads():
-                theta_mt = task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True)
+                theta_mt = task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True,
+                                            blocks=self.gram_blocks)
         self._prefix_inputs = runners["prefix"].upload(theta_mt)
         basis = stored.factors[f"transformer.resblocks.{self.routing_layer}.mlp.c_fc.weight"]["V"]
         basis = basis.astype(np.float32)  # fp16 builds store it half
@@ -149,7 +156,7 @@ class MassRuntime:
         if "lowrank" in runners:  # theta_pre for the linear weights, uploaded once
             self._lowrank_base = runners["lowrank"].upload({k: stored.pretrained[k] for k in self._linear_keys})
         # One cache for both kinds of prepared state, keyed ("dense", S) / ("factors", S).
-        self.cache = TaskSetCache(self._prepare_entry, cache_bytes, cache_size)
+        self.cache = TaskSetCache(self._prepare_entry, cache_bytes - self.gram_blocks.capacity_bytes, cache_size)
         self.planner = SecondPassPlanner(second_pass, lowrank_available="lowrank" in runners)
         if calibrate and self.planner.form == "auto":
             self.calibrate()
@@ -163,8 +170,9 @@ class MassRuntime:
 
         providers: ``cpu``, ``cuda``, ``cuda:1``, ``tensorrt`` (ONNX Runtime execution providers, in order of
         preference); a provider that cannot run warns, or raises ProviderError with ``strict_providers``.
-        cache_bytes: memory for prepared task sets (default: a share of available memory, see
-        ``runtime.taskcache``); cache_size: also at most this many entries. threads: intra-op threads per graph.
+        cache_bytes: memory for prepared task sets and the Gram blocks they are made from (default: a share of
+        available memory, see ``runtime.taskcache``); cache_size: also at most this many task-set entries.
+        threads: intra-op threads per graph.
         second_pass: ``auto`` (the planner chooses per group, see ``runtime.planner``), ``dense`` or ``lowrank``.
         calibrate: measure the planner's costs now (``auto`` only) rather than densifying until measured.
         prepare_threads: numpy BLAS threads while preparing a task set (None: the library's default).
@@ -224,13 +232,13 @@ class MassRuntime:
     def prepare_factors(self, task_set: tuple[int, ...]) -> dict:
         """The low-rank graph's per-set inputs (host arrays): update factors of the linear weights, dense
         theta(S) for the other keys. A public hook: subclass to observe or pace preparation."""
-        return low_rank_inputs(self.stored, task_set, self._encoder_keys, self._linear_keys)
+        return low_rank_inputs(self.stored, task_set, self._encoder_keys, self._linear_keys, self.gram_blocks)
 
     def prepare_task_set(self, task_set: tuple[int, ...], reuse_factors: bool = True) -> dict:
         """Dense theta(S) for the encoder graph (host arrays), from S's cached low-rank factors when there are
         some (``reuse_factors``). A public hook: subclass to observe or pace it."""
         if not self._linear_keys:  # a build without the low-rank graph
-            return task_set_weights(self.stored, task_set, keys=self._encoder_keys)
+            return task_set_weights(self.stored, task_set, keys=self._encoder_keys, blocks=self.gram_blocks)
         ready = self.cache.lookup(("factors", task_set)) if reuse_factors else None
         inputs = ready["host"] if ready else self.prepare_factors(task_set)
         started = time.perf_counter()
@@ -293,7 +301,7 @@ class MassRuntime:
         keys = cache.pop("keys")
         cache["dense_sets"] = sum(kind == "dense" for kind, _ in keys)
         cache["factor_sets"] = sum(kind == "factors" for kind, _ in keys)
-        return {"cache": cache, "second_pass": self.planner.info()}
+        return {"cache": cache, "gram_blocks": self.gram_blocks.info(), "second_pass": self.planner.info()}
 
     # --- the stages -------------------------------------------------------------------------------------------
 
