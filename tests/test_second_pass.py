@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from mass_export.core.manifest import read_manifest
+from mass_export.core.taskweights import GramBlocks, StoredTasks, low_rank_inputs, task_set_weights
 from mass_export.runtime import MassRuntime, load_image
 from mass_export.runtime.planner import SecondPassPlanner
 
@@ -55,6 +57,39 @@ def test_lowrank_graph_equals_dense_path_and_torch_reference(tiny_build, images,
     assert max(worst.values()) < 1e-4
     assert lowrank.stats()["second_pass"]["choices"]["lowrank"] > 0
     assert lowrank.stats()["cache"]["dense_sets"] == 0  # the low-rank form never densified a set
+
+
+def test_gram_blocks_give_the_same_task_set_weights(tiny_build):
+    manifest = read_manifest(tiny_build)
+    stored = StoredTasks.from_flat(*(load_file(str(tiny_build / f"{name}.safetensors"))
+                                     for name in ("pretrained", "factors", "deltas")), manifest["method"]["alpha"])
+    linear = manifest["graphs"]["lowrank"]["linear_keys"]
+    keys = list(stored.pretrained)
+    blocks, unkept = GramBlocks(stored), GramBlocks(stored, capacity_bytes=0)
+    worst = 0.0
+    for step, task_set in enumerate([(0, 1, 2), (0, 1), (1, 2), (2,), (0, 1, 2, 3), (1, 3)]):
+        computed = blocks.computed
+        plain = task_set_weights(stored, task_set)
+        for store in (blocks, unkept):
+            got = task_set_weights(stored, task_set, blocks=store)
+            worst = max(worst, max(float(np.abs(got[k].astype(np.float64) - plain[k]).max()) for k in plain
+                                   if plain[k].dtype.kind == "f"))
+        if step in (1, 2, 3):  # every pair of these sets was seen in (0, 1, 2): assembled, nothing computed
+            assert blocks.computed == computed
+        low = low_rank_inputs(stored, task_set, keys, linear, blocks)
+        expected = low_rank_inputs(stored, task_set, keys, linear)
+        worst = max(worst, max(float(np.abs(low[k] - expected[k]).max()) for k in expected if low[k].dtype.kind == "f"))
+    print(f"task-set weights and low-rank inputs with vs without Gram blocks: max |diff| {worst:.1e}")
+    assert worst <= 1e-6
+    assert unkept.info()["blocks"] == 0 and unkept.info()["computed"] > 0
+    info = blocks.info()
+    assert 0 < info["bytes"] <= info["capacity_bytes"] == GramBlocks.full_bytes(stored)
+    every_pair = sum(2 * len(p["s"]) * (len(p["s"]) + 1) // 2 for p in stored.factors.values())
+    assert info["blocks"] == every_pair  # (0, 1, 2, 3) saw every pair
+    # A runtime fills the store while making theta_MT at load, within --cache-bytes.
+    runtime = MassRuntime.load(tiny_build, threads=1, cache_bytes=64 << 20, calibrate=False)
+    grams = runtime.stats()["gram_blocks"]
+    assert grams["blocks"] > 0 and grams["capacity_bytes"] + runtime.cache.capacity_bytes == 64 << 20
 
 
 def test_planner_rents_then_buys():

@@ -50,13 +50,14 @@ def weight_key(factor_key: str) -> tuple[str, int | None]:
 class GramBlocks:
     """Per factor key, the float64 Gram blocks U_i^T U_j and V_i V_j^T of task pairs (i <= j), kept once computed.
 
-    A task set's Gram matrices G_U = U_cat^T U_cat and G_V = V_cat V_cat^T are made of these k x k blocks, so
-    assembling them costs nothing once each pair has been seen: a pair's m x k x k products are paid once per
-    load, not once per task set (they were about half of preparing a 2-task set's factors on ViT-B-16). The
-    blocks are the same float64 numbers a full product would give (up to summation order), so nothing changes
-    in exactness. Loading theta_MT computes every pair of its tasks anyway and fills the store then.
-    Bounded: a block that would take the store past ``capacity_bytes`` is computed and not kept. All blocks of
-    all pairs take 2 * T(T+1)/2 * k^2 * 8 bytes per key (``full_bytes``; ViT-B-16, T = 8: 382 MB).
+    A task set's Gram matrices G_U = U_cat^T U_cat and G_V = V_cat V_cat^T are made of these k x k blocks, so a
+    set whose pairs have all been seen assembles them at no cost instead of m x |S|k x |S|k products (about a
+    third of preparing a 2- or 3-task set's factors on ViT-B-16). A set with an unseen pair computes its Gram
+    matrices in one product, as without the store, and keeps their blocks; loading theta_MT does so for every
+    pair of its tasks. The blocks are the numbers a full product gives, so exactness does not change.
+    Bounded: a block that would take the store past ``capacity_bytes`` is not kept (all pairs of all keys take
+    ``full_bytes``: 2 * T(T+1)/2 * k^2 * 8 per key, 385 MB for ViT-B-16 with T = 8). ``computed`` counts Gram
+    matrices computed rather than assembled.
     """
 
     def __init__(self, stored: StoredTasks, capacity_bytes: int | None = None):
@@ -74,38 +75,45 @@ class GramBlocks:
             total += 2 * tasks * (tasks + 1) // 2 * k * k * 8
         return total
 
-    def _block(self, factor_key: str, side: str, i: int, j: int) -> np.ndarray:
-        """U_i^T U_j (side "U") or V_i V_j^T (side "V"), i <= j, float64."""
-        name = (factor_key, side, i, j)
-        found = self._blocks.get(name)
-        if found is not None:
-            return found
+    def _full(self, factor_key: str, side: str, tasks: list[int]) -> np.ndarray:
+        """The Gram matrix of these tasks in one float64 product (the form without the store)."""
         parts = self.stored.factors[factor_key]
         if side == "U":
-            block = parts["U"][i].astype(np.float64).T @ parts["U"][j].astype(np.float64)
-        else:
-            block = parts["V"][i].astype(np.float64) @ parts["V"][j].astype(np.float64).T
-        with self._lock:
-            self.computed += 1
-            if name not in self._blocks and self.bytes + block.nbytes <= self.capacity_bytes:
-                self._blocks[name] = block
-                self.bytes += block.nbytes
-        return block
+            cat = np.concatenate([parts["U"][t] for t in tasks], axis=1).astype(np.float64)
+            return cat.T @ cat
+        cat = np.concatenate([parts["V"][t] for t in tasks], axis=0).astype(np.float64)
+        return cat @ cat.T
 
     def grams(self, factor_key: str, tasks: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(G_U, G_V), each (|S|k, |S|k) float64, of these tasks (in this order) for one factor key."""
+        """(G_U, G_V), each (|S|k, |S|k) float64, of these tasks (in this order) for one factor key.
+
+        When a block is missing, the whole Gram matrix is computed in one product (what it cost without the
+        store) and its blocks are kept; else it is assembled from the blocks."""
         k = self.stored.factors[factor_key]["s"].shape[1]
+        pairs = [(a, b) for a in range(len(tasks)) for b in range(a, len(tasks))]
         out = []
         for side in ("U", "V"):
-            full = np.empty((len(tasks) * k, len(tasks) * k))
-            for a, i in enumerate(tasks):
-                for b in range(a, len(tasks)):
-                    block = self._block(factor_key, side, i, tasks[b])
+            found = [self._blocks.get((factor_key, side, tasks[a], tasks[b])) for a, b in pairs]
+            if any(block is None for block in found):
+                full = self._full(factor_key, side, tasks)
+                self._keep(factor_key, side, tasks, pairs, full, k)
+            else:
+                full = np.empty((len(tasks) * k, len(tasks) * k))
+                for (a, b), block in zip(pairs, found):
                     full[a * k:(a + 1) * k, b * k:(b + 1) * k] = block
                     if b != a:
                         full[b * k:(b + 1) * k, a * k:(a + 1) * k] = block.T
             out.append(full)
         return out[0], out[1]
+
+    def _keep(self, factor_key: str, side: str, tasks, pairs, full: np.ndarray, k: int) -> None:
+        with self._lock:
+            self.computed += 1
+            for a, b in pairs:
+                name = (factor_key, side, tasks[a], tasks[b])
+                if name not in self._blocks and self.bytes + k * k * 8 <= self.capacity_bytes:
+                    self._blocks[name] = full[a * k:(a + 1) * k, b * k:(b + 1) * k].copy()
+                    self.bytes += k * k * 8
 
     def info(self) -> dict:
         with self._lock:
