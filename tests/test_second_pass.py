@@ -86,10 +86,33 @@ def test_gram_blocks_give_the_same_task_set_weights(tiny_build):
     assert 0 < info["bytes"] <= info["capacity_bytes"] == GramBlocks.full_bytes(stored)
     every_pair = sum(2 * len(p["s"]) * (len(p["s"]) + 1) // 2 for p in stored.factors.values())
     assert info["blocks"] == every_pair  # (0, 1, 2, 3) saw every pair
-    # A runtime fills the store while making theta_MT at load, within --cache-bytes.
+    # A runtime fills the store at load (theta_MT needs most pairs anyway), within --cache-bytes.
     runtime = MassRuntime.load(tiny_build, threads=1, cache_bytes=64 << 20, calibrate=False)
-    grams = runtime.stats()["gram_blocks"]
-    assert grams["blocks"] > 0 and grams["capacity_bytes"] + runtime.cache.capacity_bytes == 64 << 20
+    stats = runtime.stats()
+    assert stats["gram_blocks"]["blocks"] == every_pair and stats["gram_blocks"]["bytes"] == info["bytes"]
+    assert sum(stats[part]["capacity_bytes"] for part in ("cache", "gram_blocks", "cores")) == 64 << 20
+
+
+def test_cores_remake_an_evicted_set_without_eigen_decompositions(tiny_build):
+    runtime = MassRuntime.load(tiny_build, threads=1, calibrate=False)
+    stored, task_set = runtime.stored, (1, 2)
+    first = runtime.prepare_factors(task_set)  # computes the set's cores and keeps them
+    computed = runtime.stats()["gram_blocks"]["computed"]
+    again = runtime.prepare_factors(task_set)  # e.g. after its factors were evicted: products U_cat M only
+    fresh = runtime.prepare_factors(task_set, reuse_cores=False)
+    independent = low_rank_inputs(stored, task_set, runtime.encoder_keys, runtime._linear_keys)  # no store, no cores
+    cores = runtime.stats()["cores"]
+    assert cores["misses"] == 1 and cores["hits"] == 1 and cores["entries"] == 1 and 0 < cores["bytes"]
+    assert runtime.stats()["gram_blocks"]["computed"] == computed  # nothing recomputed for the second call
+    for other in (again, fresh, independent):
+        assert other.keys() == first.keys()
+        for key, value in first.items():
+            np.testing.assert_array_equal(other[key], value)  # the same numbers, bit for bit
+    dense = runtime.prepare_task_set(task_set)
+    expected = task_set_weights(stored, task_set, keys=runtime.encoder_keys)
+    worst = max(float(np.abs(dense[k] - expected[k]).max()) for k in expected if expected[k].dtype.kind == "f")
+    print(f"dense weights from cached cores vs task_set_weights: max |diff| {worst:.1e}")
+    assert worst <= 1e-6
 
 
 def test_planner_rents_then_buys():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mass_export.core.lowrank import tsvm_factors_many
+from mass_export.core.lowrank import factors_from_core, tsvm_cores_many
 
 QKV_PARTS = ("q", "k", "v")
 
@@ -115,6 +115,11 @@ class GramBlocks:
                     self._blocks[name] = full[a * k:(a + 1) * k, b * k:(b + 1) * k].copy()
                     self.bytes += k * k * 8
 
+    def fill(self, tasks) -> None:
+        """Compute and keep every pair of ``tasks`` for every key (one product per key and side)."""
+        for factor_key in self.stored.factors:
+            self.grams(factor_key, list(tasks))
+
     def info(self) -> dict:
         with self._lock:
             return {"blocks": len(self._blocks), "bytes": self.bytes, "capacity_bytes": self.capacity_bytes,
@@ -125,25 +130,40 @@ def _chosen_tasks(parts: dict[str, np.ndarray], tasks: tuple[int, ...], base: bo
     return [t for t in tasks if parts["base"][t]] if base else list(tasks)
 
 
-def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32,
-                     blocks: GramBlocks | None = None) -> dict[str, tuple]:
-    """Per factor key of the wanted weights: (A, B) in ``dtype`` with A @ B = TSV-M of the key's tasks (see
-    ``mass_export.core.lowrank``); keys whose task list is empty (theta_MT's no-redundancy pass) are left out.
-    The eigen-decompositions run batched across keys; the Gram matrices come from ``blocks`` when given."""
-    tasks = tuple(tasks)
+def _selected_parts(stored: StoredTasks, tasks, keys, base: bool) -> dict[str, tuple[list[int], tuple]]:
+    """Per factor key of the wanted weights: its chosen tasks and their (U, s, V); keys whose task list is empty
+    (theta_MT's no-redundancy pass) are left out."""
     wanted = None if keys is None else set(keys)
-    selected, grams = {}, []
+    selected = {}
     for factor_key, parts in stored.factors.items():
         if wanted is not None and weight_key(factor_key)[0] not in wanted:
             continue
-        chosen = _chosen_tasks(parts, tasks, base)
+        chosen = _chosen_tasks(parts, tuple(tasks), base)
         if chosen:
             index = np.asarray(chosen, dtype=np.int64)
-            selected[factor_key] = (parts["U"][index], parts["s"][index], parts["V"][index])
-            if blocks is not None:
-                grams.append(blocks.grams(factor_key, chosen))
-    return dict(zip(selected, tsvm_factors_many(list(selected.values()), dtype,
-                                                grams if blocks is not None else None)))
+            selected[factor_key] = (chosen, (parts["U"][index], parts["s"][index], parts["V"][index]))
+    return selected
+
+
+def task_set_cores(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32,
+                   blocks: GramBlocks | None = None) -> dict[str, tuple]:
+    """Per factor key of the wanted weights: the small core of its TSV-M (``lowrank.tsvm_cores_many``: the
+    |S|k x |S|k middle M in ``dtype``, or the balanced factors of an ill-conditioned key). The
+    eigen-decompositions run batched across keys; the Gram matrices come from ``blocks`` when given."""
+    selected = _selected_parts(stored, tasks, keys, base)
+    grams = [blocks.grams(key, chosen) for key, (chosen, _) in selected.items()] if blocks is not None else None
+    return dict(zip(selected, tsvm_cores_many([parts for _, parts in selected.values()], dtype, grams)))
+
+
+def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32,
+                     blocks: GramBlocks | None = None, cores: dict[str, tuple] | None = None) -> dict[str, tuple]:
+    """Per factor key of the wanted weights: (A, B) in ``dtype`` with A @ B = TSV-M of the key's tasks, made
+    from ``cores`` (``task_set_cores`` of the same tasks and keys) when given: then no eigen-decomposition runs,
+    only the products U_cat M."""
+    selected = _selected_parts(stored, tasks, keys, base)
+    if cores is None:
+        cores = task_set_cores(stored, tasks, keys, base, dtype, blocks)
+    return {key: factors_from_core(*parts, cores[key], dtype) for key, (_, parts) in selected.items()}
 
 
 def mean_deltas(stored: StoredTasks, tasks, keys=None) -> dict[str, np.ndarray]:
@@ -196,13 +216,14 @@ def stack_parts(factors: dict[str, tuple], key: str) -> tuple[np.ndarray, np.nda
     return np.stack([A for A, _ in parts]), np.stack([B for _, B in parts])
 
 
-def low_rank_inputs(stored: StoredTasks, tasks, keys, linear_keys,
-                    blocks: GramBlocks | None = None) -> dict[str, np.ndarray]:
+def low_rank_inputs(stored: StoredTasks, tasks, keys, linear_keys, blocks: GramBlocks | None = None,
+                    cores: dict[str, tuple] | None = None) -> dict[str, np.ndarray]:
     """The low-rank encoder's per-task-set inputs: ``K.A`` (P, m/P, R, alpha folded in) and ``K.B`` (P, R, n)
-    for every linear key K, and dense theta(S) for the other ``keys``."""
+    for every linear key K, and dense theta(S) for the other ``keys``. cores: the linear keys' TSV-M cores
+    (``task_set_cores(stored, tasks, linear_keys)``) when the caller kept them."""
     linear_keys = list(linear_keys)
     linear = set(linear_keys)
-    factors = task_set_factors(stored, tasks, linear_keys, blocks=blocks)
+    factors = task_set_factors(stored, tasks, linear_keys, blocks=blocks, cores=cores)
     out = task_set_weights(stored, tasks, keys=[k for k in keys if k not in linear], blocks=blocks)
     for key in linear_keys:
         A, B = stack_parts(factors, key)
