@@ -126,7 +126,9 @@ def test_planner_rents_then_buys():
     assert planner.choose((2,), 16, dense_cached=False, dense_in_flight=False) == "dense"  # 1.0 >= 0.375 at once
     assert planner.choose((3,), 16, dense_cached=False, dense_in_flight=True) == "lowrank"  # never wait
     assert planner.choose((3,), 1, dense_cached=True, dense_in_flight=False) == "dense"
-    assert planner.info()["choices"] == {"dense_cached": 1, "dense_prepared": 2, "lowrank": 3}
+    # 16 images would repay densifying at once, but the cache could not keep the set: low-rank, nothing owed.
+    assert planner.choose((4,), 16, dense_cached=False, dense_in_flight=False, dense_fits=False) == "lowrank"
+    assert planner.info()["choices"] == {"dense_cached": 1, "dense_prepared": 2, "lowrank": 4}
     assert SecondPassPlanner("auto", lowrank_available=False).form == "dense"
 
 

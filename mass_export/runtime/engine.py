@@ -11,6 +11,7 @@ factors (no preparation of dense weights; the activations pay R(m + n) per token
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -39,6 +40,7 @@ from mass_export.runtime.taskcache import TaskSetCache, default_cache_bytes
 GRAPHS = ("prefix", "router", "encoder", "heads")
 OPTIONAL_GRAPHS = ("lowrank",)  # builds made before it have none: their second pass is dense only
 DEFAULT_WINDOW_BATCHES = 8  # classify_batches routes this many batches before the second passes
+RECENT_GROUPS = 64  # second-pass groups whose distinct sets are compared with the dense sets the cache holds
 GRAM_SHARE = 0.25  # at most this share of cache_bytes holds the Gram blocks of task pairs (GramBlocks)
 CORES_SHARE = 0.25  # this share holds task sets' TSV-M cores (the small M per key), once the low-rank graph exists
 
@@ -167,6 +169,8 @@ class MassRuntime:
         self.cache = TaskSetCache(self._prepare_entry, cache_bytes - self.gram_blocks.capacity_bytes - cores_bytes,
                                   cache_size)
         self.planner = SecondPassPlanner(second_pass, lowrank_available="lowrank" in runners)
+        self._dense_bytes = sum(int(stored.pretrained[k].nbytes) for k in self._encoder_keys)  # one dense set
+        self._recent_sets: collections.deque = collections.deque(maxlen=RECENT_GROUPS)
         if calibrate and self.planner.form == "auto":
             self.calibrate()
 
@@ -354,8 +358,9 @@ class MassRuntime:
         x = np.ascontiguousarray(pixel_values, dtype=np.float32)
         task_set = self.task_indices(task_set)
         if form is None:
+            self._recent_sets.append(task_set)
             form = self.planner.choose(task_set, len(x), ("dense", task_set) in self.cache,
-                                       self.cache.in_flight(("dense", task_set)))
+                                       self.cache.in_flight(("dense", task_set)), self._dense_would_stay())
         elif form not in ("dense", "lowrank") or (form == "lowrank" and "lowrank" not in self.runners):
             raise ValueError(f"second pass form {form!r}: choose dense" + (" or lowrank" if "lowrank" in
                                                                           self.runners else " (no lowrank graph)"))
@@ -368,6 +373,14 @@ class MassRuntime:
         else:
             self.planner.observe_lowrank(len(task_set), len(x), seconds)
         return features
+
+    def _dense_would_stay(self) -> bool:
+        """Whether the cache holds as many dense sets as the distinct sets of the recent groups (else LRU evicts
+        a densified set before its next use)."""
+        slots = self.cache.capacity_bytes // max(1, self._dense_bytes)
+        if self.cache.max_entries is not None:
+            slots = min(slots, self.cache.max_entries)
+        return len(set(self._recent_sets.copy())) <= slots  # copy: atomic while other threads append
 
     def heads(self, image_features) -> np.ndarray:
         """Every head's logits (B, sum of classes) on L2-normalised features."""
