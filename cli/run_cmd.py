@@ -260,10 +260,12 @@ def _runtime_counters(runtime) -> dict:
     """The task-set cache's counters and the second pass's choices, for the summary (none with --ray: each
     worker keeps its own)."""
     if runtime is None:
-        return {"cache": None, "second_pass": None}
+        return {"cache": None, "cores": None, "gram_blocks": None, "second_pass": None}
     stats = runtime.stats()
-    cache = {k: v for k, v in stats["cache"].items() if k not in ("keys", "max_entries")}
-    return {"cache": cache, "second_pass": stats["second_pass"]["choices"]}
+    cache, cores = ({k: v for k, v in stats[part].items() if k not in ("keys", "max_entries")}
+                    for part in ("cache", "cores"))
+    return {"cache": cache, "cores": cores, "gram_blocks": stats["gram_blocks"],
+            "second_pass": stats["second_pass"]["choices"]}
 
 
 def exit_status(summary: dict) -> int:

@@ -319,7 +319,10 @@ def test_run_command(tiny_build, images, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["classified"] == 3 and summary["failed"] == 0 and sum(summary["per_task"].values()) == 3
     cache = summary["cache"]
-    assert cache["capacity_bytes"] == 64 << 20 and cache["misses"] >= 1 and cache["bytes"] <= 64 << 20
+    grams = summary["gram_blocks"]  # --cache-bytes bounds the task sets, their cores and the Gram blocks together
+    assert cache["capacity_bytes"] + grams["capacity_bytes"] + summary["cores"]["capacity_bytes"] == 64 << 20
+    assert grams["blocks"] >= 1 and summary["cores"]["misses"] >= 1
+    assert cache["misses"] >= 1 and cache["bytes"] <= cache["capacity_bytes"] and grams["bytes"] <= 16 << 20
     assert cache["preparations"] >= 1 and cache["prepare_seconds"] > 0 and sum(summary["second_pass"].values()) >= 2
     lines = out.read_text().splitlines()
     assert lines[0] == "path,task,class,score,confidence,top_k,task_set,task_probs,error,warning" and len(lines) == 4

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from mass_export.core.manifest import read_manifest
+from mass_export.core.taskweights import GramBlocks, StoredTasks, low_rank_inputs, task_set_weights
 from mass_export.runtime import MassRuntime, load_image
 from mass_export.runtime.planner import SecondPassPlanner
 
@@ -57,6 +59,62 @@ def test_lowrank_graph_equals_dense_path_and_torch_reference(tiny_build, images,
     assert lowrank.stats()["cache"]["dense_sets"] == 0  # the low-rank form never densified a set
 
 
+def test_gram_blocks_give_the_same_task_set_weights(tiny_build):
+    manifest = read_manifest(tiny_build)
+    stored = StoredTasks.from_flat(*(load_file(str(tiny_build / f"{name}.safetensors"))
+                                     for name in ("pretrained", "factors", "deltas")), manifest["method"]["alpha"])
+    linear = manifest["graphs"]["lowrank"]["linear_keys"]
+    keys = list(stored.pretrained)
+    blocks, unkept = GramBlocks(stored), GramBlocks(stored, capacity_bytes=0)
+    worst = 0.0
+    for step, task_set in enumerate([(0, 1, 2), (0, 1), (1, 2), (2,), (0, 1, 2, 3), (1, 3)]):
+        computed = blocks.computed
+        plain = task_set_weights(stored, task_set)
+        for store in (blocks, unkept):
+            got = task_set_weights(stored, task_set, blocks=store)
+            worst = max(worst, max(float(np.abs(got[k].astype(np.float64) - plain[k]).max()) for k in plain
+                                   if plain[k].dtype.kind == "f"))
+        if step in (1, 2, 3):  # every pair of these sets was seen in (0, 1, 2): assembled, nothing computed
+            assert blocks.computed == computed
+        low = low_rank_inputs(stored, task_set, keys, linear, blocks)
+        expected = low_rank_inputs(stored, task_set, keys, linear)
+        worst = max(worst, max(float(np.abs(low[k] - expected[k]).max()) for k in expected if low[k].dtype.kind == "f"))
+    print(f"task-set weights and low-rank inputs with vs without Gram blocks: max |diff| {worst:.1e}")
+    assert worst <= 1e-6
+    assert unkept.info()["blocks"] == 0 and unkept.info()["computed"] > 0
+    info = blocks.info()
+    assert 0 < info["bytes"] <= info["capacity_bytes"] == GramBlocks.full_bytes(stored)
+    every_pair = sum(2 * len(p["s"]) * (len(p["s"]) + 1) // 2 for p in stored.factors.values())
+    assert info["blocks"] == every_pair  # (0, 1, 2, 3) saw every pair
+    # A runtime fills the store at load (theta_MT needs most pairs anyway), within --cache-bytes.
+    runtime = MassRuntime.load(tiny_build, threads=1, cache_bytes=64 << 20, calibrate=False)
+    stats = runtime.stats()
+    assert stats["gram_blocks"]["blocks"] == every_pair and stats["gram_blocks"]["bytes"] == info["bytes"]
+    assert sum(stats[part]["capacity_bytes"] for part in ("cache", "gram_blocks", "cores")) == 64 << 20
+
+
+def test_cores_remake_an_evicted_set_without_eigen_decompositions(tiny_build):
+    runtime = MassRuntime.load(tiny_build, threads=1, calibrate=False)
+    stored, task_set = runtime.stored, (1, 2)
+    first = runtime.prepare_factors(task_set)  # computes the set's cores and keeps them
+    computed = runtime.stats()["gram_blocks"]["computed"]
+    again = runtime.prepare_factors(task_set)  # e.g. after its factors were evicted: products U_cat M only
+    fresh = runtime.prepare_factors(task_set, reuse_cores=False)
+    independent = low_rank_inputs(stored, task_set, runtime.encoder_keys, runtime._linear_keys)  # no store, no cores
+    cores = runtime.stats()["cores"]
+    assert cores["misses"] == 1 and cores["hits"] == 1 and cores["entries"] == 1 and 0 < cores["bytes"]
+    assert runtime.stats()["gram_blocks"]["computed"] == computed  # nothing recomputed for the second call
+    for other in (again, fresh, independent):
+        assert other.keys() == first.keys()
+        for key, value in first.items():
+            np.testing.assert_array_equal(other[key], value)  # the same numbers, bit for bit
+    dense = runtime.prepare_task_set(task_set)
+    expected = task_set_weights(stored, task_set, keys=runtime.encoder_keys)
+    worst = max(float(np.abs(dense[k] - expected[k]).max()) for k in expected if expected[k].dtype.kind == "f")
+    print(f"dense weights from cached cores vs task_set_weights: max |diff| {worst:.1e}")
+    assert worst <= 1e-6
+
+
 def test_planner_rents_then_buys():
     planner = SecondPassPlanner("auto")
     planner.observe_dense(images=4, seconds=0.5)  # 0.125 s per image (binary-exact numbers)
@@ -68,7 +126,9 @@ def test_planner_rents_then_buys():
     assert planner.choose((2,), 16, dense_cached=False, dense_in_flight=False) == "dense"  # 1.0 >= 0.375 at once
     assert planner.choose((3,), 16, dense_cached=False, dense_in_flight=True) == "lowrank"  # never wait
     assert planner.choose((3,), 1, dense_cached=True, dense_in_flight=False) == "dense"
-    assert planner.info()["choices"] == {"dense_cached": 1, "dense_prepared": 2, "lowrank": 3}
+    # 16 images would repay densifying at once, but the cache could not keep the set: low-rank, nothing owed.
+    assert planner.choose((4,), 16, dense_cached=False, dense_in_flight=False, dense_fits=False) == "lowrank"
+    assert planner.info()["choices"] == {"dense_cached": 1, "dense_prepared": 2, "lowrank": 4}
     assert SecondPassPlanner("auto", lowrank_available=False).form == "dense"
 
 

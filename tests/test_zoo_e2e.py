@@ -78,6 +78,7 @@ def test_bench_json_structure(zoo_build, tmp_path):
         assert row["throughput_ratio_to_plain"] > 0 and 1 <= row["task_sets_per_batch"] <= row["batch"]
         assert row["hits"] + row["misses"] >= 1 and row["preparations"] <= row["misses"]
         assert sum(row["second_pass_groups"].values()) >= 1
+        assert set(row["cores"]) == {"hits", "misses", "evictions"} and row["gram_matrices_computed"] >= 0
     cold_mixed = next(r for r in mass if r["stream"] == "mixed" and r["phase"] == "cold" and r["batch"] == 4)
     assert cold_mixed["misses"] >= 1  # nothing was warmed before the stream began
     assert report["mixed_distribution"]["set_size"] == {"1": 0.28, "2": 0.63, "3": 0.09}

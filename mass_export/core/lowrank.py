@@ -55,38 +55,68 @@ def gram(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return left.astype(np.float64) @ right.astype(np.float64)
 
 
-def tsvm_factors_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                      dtype=np.float32) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(A, B) with A @ B = TSV-M for each (U, s, V) of ``parts`` (rank |S|k each), in ``dtype``.
+def tsvm_cores_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dtype=np.float32,
+                    grams: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[tuple]:
+    """Per (U, s, V) of ``parts``, the small core its TSV-M factors are made from (``factors_from_core``).
 
-    Usually A = U_cat M (m, Sk) and B = V_cat (Sk, n) with M = G_U^(-1/2) diag(s_cat) G_V^(-1/2). M comes
-    from float64 Gram matrices whose eigen-decompositions run batched over every key of the same |S|k; the big
-    product U_cat M is in ``dtype`` (float32: its rounding is ~1e-7 of the update). When a Gram matrix is
-    ill-conditioned (``WELL_CONDITIONED``; e.g. all T tasks, |S|k = min(m, n)) the float32 form would cancel,
-    so that key gets the balanced form A = U_perp diag(s_cat), B = V_perp (both polar factors, orthonormal,
-    computed in float64): the same product, no large entries. ``dtype=np.float64`` is the all-float64 form.
+    Usually ("middle", M): A = U_cat M (m, Sk), B = V_cat (Sk, n) with M = G_U^(-1/2) diag(s_cat) G_V^(-1/2)
+    (|S|k x |S|k, in ``dtype``). M comes from float64 Gram matrices whose eigen-decompositions run batched over
+    every key of the same |S|k; the big product U_cat M is in ``dtype`` (float32: its rounding is ~1e-7 of the
+    update). When a Gram matrix is ill-conditioned (``WELL_CONDITIONED``; e.g. all T tasks, |S|k = min(m, n))
+    the float32 form would cancel, so that key's core is ("balanced", A, B) with A = U_perp diag(s_cat),
+    B = V_perp (both polar factors, orthonormal, computed in float64): the same product, no large entries.
+    ``dtype=np.float64`` is the all-float64 form. grams: each part's (G_U, G_V) in float64 when the caller has
+    them (``taskweights.GramBlocks`` assembles them from cached per-pair blocks), else they are computed here.
     """
-    cats = [concatenated(U, s, V, dtype) for U, s, V in parts]
-    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(cats)
+    cats: dict[int, tuple] = {}
+
+    def cat(i):  # U_cat, s_cat, V_cat, made only where needed
+        if i not in cats:
+            cats[i] = concatenated(*parts[i], dtype)
+        return cats[i]
+
+    out: list[tuple | None] = [None] * len(parts)
     by_rank: dict[int, list[int]] = {}
-    for index, (_, s_cat, _) in enumerate(cats):
-        by_rank.setdefault(len(s_cat), []).append(index)
+    for index, (_, s, _) in enumerate(parts):
+        by_rank.setdefault(s.size, []).append(index)
     for indices in by_rank.values():
-        grams_u = np.stack([gram(cats[i][0].T, cats[i][0]) for i in indices])
-        grams_v = np.stack([gram(cats[i][2], cats[i][2].T) for i in indices])
+        if grams is None:
+            grams_u = np.stack([gram(cat(i)[0].T, cat(i)[0]) for i in indices])
+            grams_v = np.stack([gram(cat(i)[2], cat(i)[2].T) for i in indices])
+        else:
+            grams_u = np.stack([grams[i][0] for i in indices])
+            grams_v = np.stack([grams[i][1] for i in indices])
         # No shortcut for a single task: the polar step the reference applies must be applied here too.
         roots_u, spread_u = inverse_sqrt_psd(grams_u, with_spread=True)
         roots_v, spread_v = inverse_sqrt_psd(grams_v, with_spread=True)
         for position, i in enumerate(indices):
-            U_cat, s_cat, V_cat = cats[i]
+            s_cat = parts[i][1].reshape(-1).astype(np.float64)
             if dtype == np.float64 or min(spread_u[position], spread_v[position]) >= WELL_CONDITIONED:
                 middle = roots_u[position] @ (s_cat[:, None] * roots_v[position])
-                out[i] = (U_cat @ middle.astype(dtype), V_cat)
+                out[i] = ("middle", middle.astype(dtype))
             else:
+                U_cat, _, V_cat = cat(i)
                 U_perp = U_cat.astype(np.float64) @ roots_u[position]
                 V_perp = roots_v[position] @ V_cat.astype(np.float64)
-                out[i] = ((U_perp * s_cat).astype(dtype), V_perp.astype(dtype))
+                out[i] = ("balanced", (U_perp * s_cat).astype(dtype), V_perp.astype(dtype))
     return out
+
+
+def factors_from_core(U: np.ndarray, s: np.ndarray, V: np.ndarray, core: tuple,
+                      dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with A @ B = TSV-M of the tasks of U (S, m, k), s (S, k), V (S, k, n), from their core."""
+    if core[0] == "balanced":
+        return core[1], core[2]
+    U_cat, _, V_cat = concatenated(U, s, V, dtype)
+    return U_cat @ core[1], V_cat
+
+
+def tsvm_factors_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dtype=np.float32,
+                      grams: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(A, B) with A @ B = TSV-M for each (U, s, V) of ``parts`` (rank |S|k each), in ``dtype``: see
+    ``tsvm_cores_many``."""
+    cores = tsvm_cores_many(parts, dtype, grams)
+    return [factors_from_core(*part, core, dtype) for part, core in zip(parts, cores)]
 
 
 def tsvm_factors(U: np.ndarray, s: np.ndarray, V: np.ndarray, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:

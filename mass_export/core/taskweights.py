@@ -7,11 +7,12 @@ no-redundancy pass may drop some per key).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from mass_export.core.lowrank import tsvm_factors_many
+from mass_export.core.lowrank import factors_from_core, tsvm_cores_many
 
 QKV_PARTS = ("q", "k", "v")
 
@@ -46,25 +47,123 @@ def weight_key(factor_key: str) -> tuple[str, int | None]:
     return factor_key, None
 
 
+class GramBlocks:
+    """Per factor key, the float64 Gram blocks U_i^T U_j and V_i V_j^T of task pairs (i <= j), kept once computed.
+
+    A task set's Gram matrices G_U = U_cat^T U_cat and G_V = V_cat V_cat^T are made of these k x k blocks, so a
+    set whose pairs have all been seen assembles them at no cost instead of m x |S|k x |S|k products (about a
+    third of preparing a 2- or 3-task set's factors on ViT-B-16). A set with an unseen pair computes its Gram
+    matrices in one product, as without the store, and keeps their blocks; loading theta_MT does so for every
+    pair of its tasks. The blocks are the numbers a full product gives, so exactness does not change.
+    Bounded: a block that would take the store past ``capacity_bytes`` is not kept (all pairs of all keys take
+    ``full_bytes``: 2 * T(T+1)/2 * k^2 * 8 per key, 385 MB for ViT-B-16 with T = 8). ``computed`` counts Gram
+    matrices computed rather than assembled.
+    """
+
+    def __init__(self, stored: StoredTasks, capacity_bytes: int | None = None):
+        self.stored = stored
+        self.capacity_bytes = self.full_bytes(stored) if capacity_bytes is None else int(capacity_bytes)
+        self._blocks: dict[tuple[str, str, int, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.bytes = self.computed = 0
+
+    @staticmethod
+    def full_bytes(stored: StoredTasks) -> int:
+        total = 0
+        for parts in stored.factors.values():
+            tasks, k = parts["s"].shape
+            total += 2 * tasks * (tasks + 1) // 2 * k * k * 8
+        return total
+
+    def _full(self, factor_key: str, side: str, tasks: list[int]) -> np.ndarray:
+        """The Gram matrix of these tasks in one float64 product (the form without the store)."""
+        parts = self.stored.factors[factor_key]
+        if side == "U":
+            cat = np.concatenate([parts["U"][t] for t in tasks], axis=1).astype(np.float64)
+            return cat.T @ cat
+        cat = np.concatenate([parts["V"][t] for t in tasks], axis=0).astype(np.float64)
+        return cat @ cat.T
+
+    def grams(self, factor_key: str, tasks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(G_U, G_V), each (|S|k, |S|k) float64, of these tasks (in this order) for one factor key.
+
+        When a block is missing, the whole Gram matrix is computed in one product (what it cost without the
+        store) and its blocks are kept; else it is assembled from the blocks."""
+        k = self.stored.factors[factor_key]["s"].shape[1]
+        pairs = [(a, b) for a in range(len(tasks)) for b in range(a, len(tasks))]
+        out = []
+        for side in ("U", "V"):
+            found = [self._blocks.get((factor_key, side, tasks[a], tasks[b])) for a, b in pairs]
+            if any(block is None for block in found):
+                full = self._full(factor_key, side, tasks)
+                self._keep(factor_key, side, tasks, pairs, full, k)
+            else:
+                full = np.empty((len(tasks) * k, len(tasks) * k))
+                for (a, b), block in zip(pairs, found):
+                    full[a * k:(a + 1) * k, b * k:(b + 1) * k] = block
+                    if b != a:
+                        full[b * k:(b + 1) * k, a * k:(a + 1) * k] = block.T
+            out.append(full)
+        return out[0], out[1]
+
+    def _keep(self, factor_key: str, side: str, tasks, pairs, full: np.ndarray, k: int) -> None:
+        with self._lock:
+            self.computed += 1
+            for a, b in pairs:
+                name = (factor_key, side, tasks[a], tasks[b])
+                if name not in self._blocks and self.bytes + k * k * 8 <= self.capacity_bytes:
+                    self._blocks[name] = full[a * k:(a + 1) * k, b * k:(b + 1) * k].copy()
+                    self.bytes += k * k * 8
+
+    def fill(self, tasks) -> None:
+        """Compute and keep every pair of ``tasks`` for every key (one product per key and side)."""
+        for factor_key in self.stored.factors:
+            self.grams(factor_key, list(tasks))
+
+    def info(self) -> dict:
+        with self._lock:
+            return {"blocks": len(self._blocks), "bytes": self.bytes, "capacity_bytes": self.capacity_bytes,
+                    "computed": self.computed}
+
+
 def _chosen_tasks(parts: dict[str, np.ndarray], tasks: tuple[int, ...], base: bool) -> list[int]:
     return [t for t in tasks if parts["base"][t]] if base else list(tasks)
 
 
-def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32) -> dict[str, tuple]:
-    """Per factor key of the wanted weights: (A, B) in ``dtype`` with A @ B = TSV-M of the key's tasks (see
-    ``mass_export.core.lowrank``); keys whose task list is empty (theta_MT's no-redundancy pass) are left out.
-    The eigen-decompositions run batched across keys."""
-    tasks = tuple(tasks)
+def _selected_parts(stored: StoredTasks, tasks, keys, base: bool) -> dict[str, tuple[list[int], tuple]]:
+    """Per factor key of the wanted weights: its chosen tasks and their (U, s, V); keys whose task list is empty
+    (theta_MT's no-redundancy pass) are left out."""
     wanted = None if keys is None else set(keys)
     selected = {}
     for factor_key, parts in stored.factors.items():
         if wanted is not None and weight_key(factor_key)[0] not in wanted:
             continue
-        chosen = _chosen_tasks(parts, tasks, base)
+        chosen = _chosen_tasks(parts, tuple(tasks), base)
         if chosen:
             index = np.asarray(chosen, dtype=np.int64)
-            selected[factor_key] = (parts["U"][index], parts["s"][index], parts["V"][index])
-    return dict(zip(selected, tsvm_factors_many(list(selected.values()), dtype)))
+            selected[factor_key] = (chosen, (parts["U"][index], parts["s"][index], parts["V"][index]))
+    return selected
+
+
+def task_set_cores(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32,
+                   blocks: GramBlocks | None = None) -> dict[str, tuple]:
+    """Per factor key of the wanted weights: the small core of its TSV-M (``lowrank.tsvm_cores_many``: the
+    |S|k x |S|k middle M in ``dtype``, or the balanced factors of an ill-conditioned key). The
+    eigen-decompositions run batched across keys; the Gram matrices come from ``blocks`` when given."""
+    selected = _selected_parts(stored, tasks, keys, base)
+    grams = [blocks.grams(key, chosen) for key, (chosen, _) in selected.items()] if blocks is not None else None
+    return dict(zip(selected, tsvm_cores_many([parts for _, parts in selected.values()], dtype, grams)))
+
+
+def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32,
+                     blocks: GramBlocks | None = None, cores: dict[str, tuple] | None = None) -> dict[str, tuple]:
+    """Per factor key of the wanted weights: (A, B) in ``dtype`` with A @ B = TSV-M of the key's tasks, made
+    from ``cores`` (``task_set_cores`` of the same tasks and keys) when given: then no eigen-decomposition runs,
+    only the products U_cat M."""
+    selected = _selected_parts(stored, tasks, keys, base)
+    if cores is None:
+        cores = task_set_cores(stored, tasks, keys, base, dtype, blocks)
+    return {key: factors_from_core(*parts, cores[key], dtype) for key, (_, parts) in selected.items()}
 
 
 def mean_deltas(stored: StoredTasks, tasks, keys=None) -> dict[str, np.ndarray]:
@@ -75,7 +174,8 @@ def mean_deltas(stored: StoredTasks, tasks, keys=None) -> dict[str, np.ndarray]:
             for key, delta in stored.deltas.items() if keys is None or key in keys}
 
 
-def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False) -> dict[str, np.ndarray]:
+def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False,
+                     blocks: GramBlocks | None = None) -> dict[str, np.ndarray]:
     """fp32 weights for the graph inputs: theta(tasks), or theta_MT when ``base`` (then ``tasks`` = all).
 
     Each 2-D weight is theta_pre + alpha * A @ B computed in float32 straight into its output array (no float64
@@ -87,7 +187,7 @@ def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False) 
     wanted = None if keys is None else set(keys)
     dtype = np.float64 if base else np.float32
     out: dict[str, np.ndarray] = {}
-    for factor_key, (A, B) in task_set_factors(stored, tasks, keys, base, dtype).items():
+    for factor_key, (A, B) in task_set_factors(stored, tasks, keys, base, dtype, blocks).items():
         key, block = weight_key(factor_key)
         if key not in out:
             out[key] = np.array(stored.pretrained[key], dtype=dtype, copy=True)
@@ -116,13 +216,15 @@ def stack_parts(factors: dict[str, tuple], key: str) -> tuple[np.ndarray, np.nda
     return np.stack([A for A, _ in parts]), np.stack([B for _, B in parts])
 
 
-def low_rank_inputs(stored: StoredTasks, tasks, keys, linear_keys) -> dict[str, np.ndarray]:
+def low_rank_inputs(stored: StoredTasks, tasks, keys, linear_keys, blocks: GramBlocks | None = None,
+                    cores: dict[str, tuple] | None = None) -> dict[str, np.ndarray]:
     """The low-rank encoder's per-task-set inputs: ``K.A`` (P, m/P, R, alpha folded in) and ``K.B`` (P, R, n)
-    for every linear key K, and dense theta(S) for the other ``keys``."""
+    for every linear key K, and dense theta(S) for the other ``keys``. cores: the linear keys' TSV-M cores
+    (``task_set_cores(stored, tasks, linear_keys)``) when the caller kept them."""
     linear_keys = list(linear_keys)
     linear = set(linear_keys)
-    factors = task_set_factors(stored, tasks, linear_keys)
-    out = task_set_weights(stored, tasks, keys=[k for k in keys if k not in linear])
+    factors = task_set_factors(stored, tasks, linear_keys, blocks=blocks, cores=cores)
+    out = task_set_weights(stored, tasks, keys=[k for k in keys if k not in linear], blocks=blocks)
     for key in linear_keys:
         A, B = stack_parts(factors, key)
         name_a, name_b = factor_input_names(key)

@@ -182,7 +182,7 @@ def preparation_calls(runtime, seed: int = 0) -> dict:
     for size in range(1, min(3, runtime.num_tasks) + 1):
         out[f"prepare_dense.size{size}"] = timed(lambda t: runtime.prepare_task_set(t, reuse_factors=False), size)
         if runtime.has_lowrank:
-            out[f"prepare_lowrank.size{size}"] = timed(runtime.prepare_factors, size)
+            out[f"prepare_lowrank.size{size}"] = timed(lambda t: runtime.prepare_factors(t, reuse_cores=False), size)
     return out
 
 
@@ -270,6 +270,8 @@ def _counter_delta(before: dict, after: dict) -> dict:
     delta["cache_bytes"] = cache_a["bytes"]
     choices_b, choices_a = before["second_pass"]["choices"], after["second_pass"]["choices"]
     delta["second_pass_groups"] = {key: choices_a[key] - choices_b[key] for key in choices_a}
+    delta["cores"] = {key: after["cores"][key] - before["cores"][key] for key in ("hits", "misses", "evictions")}
+    delta["gram_matrices_computed"] = after["gram_blocks"]["computed"] - before["gram_blocks"]["computed"]
     return delta
 
 

@@ -11,6 +11,7 @@ factors (no preparation of dense weights; the activations pay R(m + n) per token
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -29,17 +30,21 @@ from mass_export.core.errors import BuildIntegrityError, ConfigError
 from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
 from mass_export.core.manifest import head_slices, read_manifest
 from mass_export.core.routing import first_pass_weights, router_basis_key
-from mass_export.core.taskweights import StoredTasks, dense_from_low_rank, low_rank_inputs, task_set_weights
+from mass_export.core.taskweights import (GramBlocks, StoredTasks, dense_from_low_rank, low_rank_inputs,
+                                         task_set_cores, task_set_weights)
 from mass_export.runtime.backends import Runner, check_providers, make_runner
 from mass_export.runtime.images import DEFAULT_MAX_PIXELS, as_image
 from mass_export.runtime.planner import SecondPassPlanner
 from mass_export.runtime.preprocess import Preprocessor
 from mass_export.runtime.sources import batched
-from mass_export.runtime.taskcache import TaskSetCache
+from mass_export.runtime.taskcache import TaskSetCache, default_cache_bytes
 
 GRAPHS = ("prefix", "router", "encoder", "heads")
 OPTIONAL_GRAPHS = ("lowrank",)  # builds made before it have none: their second pass is dense only
 DEFAULT_WINDOW_BATCHES = 8  # classify_batches routes this many batches before the second passes
+RECENT_GROUPS = 64  # second-pass groups whose distinct sets are compared with the dense sets the cache holds
+GRAM_SHARE = 0.25  # at most this share of cache_bytes holds the Gram blocks of task pairs (GramBlocks)
+CORES_SHARE = 0.25  # this share holds task sets' TSV-M cores (the small M per key), once the low-rank graph exists
 
 
 @dataclass
@@ -136,12 +141,24 @@ class MassRuntime:
         # ONNX Runtime's own threads on the same cores ran preparation 5-8x slower on a busy 2-core machine.
         self.prepare_threads = prepare_threads
         self._blas = ThreadpoolController() if prepare_threads else None
+        # Memory for prepared state, three tiers by cost to remake: the Gram blocks of task pairs (reused by every
+        # set holding the pair) take what they need up to GRAM_SHARE; task sets' cores (M per key, |S|k x |S|k:
+        # remaking them is the eigen-decompositions, ~10x smaller than the factors) CORES_SHARE; prepared task
+        # sets (factors or dense weights, remade from a core by products alone) the rest.
+        cache_bytes = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
+        self.gram_blocks = GramBlocks(stored, min(GramBlocks.full_bytes(stored), max(0, int(GRAM_SHARE * cache_bytes))))
+        cores_bytes = int(CORES_SHARE * cache_bytes) if self._linear_keys and "lowrank" in runners else 0
+        self.cores = TaskSetCache(self._prepare_cores, cores_bytes)
         # theta_MT is prepared (and on a GPU uploaded) once; task sets' weights go through the cache.
         def merged():
             with self.preparation_threads():
-                return task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True)
+                return task_set_weights(stored, range(self.num_tasks), keys=prefix_keys, base=True,
+                                        blocks=self.gram_blocks)
 
         theta_mt = first_pass_weights(method.get("router_on"), {k: stored.pretrained[k] for k in prefix_keys}, merged)
+        if self.gram_blocks.capacity_bytes == GramBlocks.full_bytes(stored):
+            with self.preparation_threads():  # the keys theta_MT did not need (ViT-B-16: 3 s of its ~35 s)
+                self.gram_blocks.fill(range(self.num_tasks))
         self._prefix_inputs = runners["prefix"].upload(theta_mt)
         basis = stored.factors[router_basis_key(self.routing_layer)]["V"]
         basis = basis.astype(np.float32)  # fp16 builds store it half
@@ -150,8 +167,11 @@ class MassRuntime:
         if "lowrank" in runners:  # theta_pre for the linear weights, uploaded once
             self._lowrank_base = runners["lowrank"].upload({k: stored.pretrained[k] for k in self._linear_keys})
         # One cache for both kinds of prepared state, keyed ("dense", S) / ("factors", S).
-        self.cache = TaskSetCache(self._prepare_entry, cache_bytes, cache_size)
+        self.cache = TaskSetCache(self._prepare_entry, cache_bytes - self.gram_blocks.capacity_bytes - cores_bytes,
+                                  cache_size)
         self.planner = SecondPassPlanner(second_pass, lowrank_available="lowrank" in runners)
+        self._dense_bytes = sum(int(stored.pretrained[k].nbytes) for k in self._encoder_keys)  # one dense set
+        self._recent_sets: collections.deque = collections.deque(maxlen=RECENT_GROUPS)
         if calibrate and self.planner.form == "auto":
             self.calibrate()
 
@@ -164,8 +184,9 @@ class MassRuntime:
 
         providers: ``cpu``, ``cuda``, ``cuda:1``, ``tensorrt`` (ONNX Runtime execution providers, in order of
         preference); a provider that cannot run warns, or raises ProviderError with ``strict_providers``.
-        cache_bytes: memory for prepared task sets (default: a share of available memory, see
-        ``runtime.taskcache``); cache_size: also at most this many entries. threads: intra-op threads per graph.
+        cache_bytes: memory for prepared task sets and the Gram blocks they are made from (default: a share of
+        available memory, see ``runtime.taskcache``); cache_size: also at most this many task-set entries.
+        threads: intra-op threads per graph.
         second_pass: ``auto`` (the planner chooses per group, see ``runtime.planner``), ``dense`` or ``lowrank``.
         calibrate: measure the planner's costs now (``auto`` only) rather than densifying until measured.
         prepare_threads: numpy BLAS threads while preparing a task set (None: the library's default).
@@ -222,18 +243,24 @@ class MassRuntime:
 
     # --- task-set preparation ---------------------------------------------------------------------------------
 
-    def prepare_factors(self, task_set: tuple[int, ...]) -> dict:
-        """The low-rank graph's per-set inputs (host arrays): update factors of the linear weights, dense
-        theta(S) for the other keys. A public hook: subclass to observe or pace preparation."""
-        return low_rank_inputs(self.stored, task_set, self._encoder_keys, self._linear_keys)
+    def prepare_factors(self, task_set: tuple[int, ...], reuse_cores: bool = True) -> dict:
+        """The low-rank graph's per-set inputs (host arrays): update factors of the linear weights (from the
+        set's TSV-M cores, kept in ``cores`` when ``reuse_cores``), dense theta(S) for the other keys. A public
+        hook: subclass to observe or pace preparation."""
+        cores = self.cores.get(task_set) if reuse_cores and self.cores.capacity_bytes else None
+        return low_rank_inputs(self.stored, task_set, self._encoder_keys, self._linear_keys, self.gram_blocks, cores)
+
+    def _prepare_cores(self, task_set: tuple[int, ...]) -> dict:
+        with self.preparation_threads():
+            return task_set_cores(self.stored, task_set, self._linear_keys, blocks=self.gram_blocks)
 
     def prepare_task_set(self, task_set: tuple[int, ...], reuse_factors: bool = True) -> dict:
-        """Dense theta(S) for the encoder graph (host arrays), from S's cached low-rank factors when there are
-        some (``reuse_factors``). A public hook: subclass to observe or pace it."""
+        """Dense theta(S) for the encoder graph (host arrays), from S's cached low-rank factors or cores when
+        there are some (``reuse_factors``). A public hook: subclass to observe or pace it."""
         if not self._linear_keys:  # a build without the low-rank graph
-            return task_set_weights(self.stored, task_set, keys=self._encoder_keys)
+            return task_set_weights(self.stored, task_set, keys=self._encoder_keys, blocks=self.gram_blocks)
         ready = self.cache.lookup(("factors", task_set)) if reuse_factors else None
-        inputs = ready["host"] if ready else self.prepare_factors(task_set)
+        inputs = ready["host"] if ready else self.prepare_factors(task_set, reuse_cores=reuse_factors)
         started = time.perf_counter()
         weights = dense_from_low_rank(self.stored, inputs, self._linear_keys)
         self.planner.observe_product(len(task_set), time.perf_counter() - started)
@@ -294,7 +321,10 @@ class MassRuntime:
         keys = cache.pop("keys")
         cache["dense_sets"] = sum(kind == "dense" for kind, _ in keys)
         cache["factor_sets"] = sum(kind == "factors" for kind, _ in keys)
-        return {"cache": cache, "second_pass": self.planner.info()}
+        cores = self.cores.info()
+        cores.pop("keys")
+        return {"cache": cache, "gram_blocks": self.gram_blocks.info(), "cores": cores,
+                "second_pass": self.planner.info()}
 
     # --- the stages -------------------------------------------------------------------------------------------
 
@@ -329,8 +359,9 @@ class MassRuntime:
         x = np.ascontiguousarray(pixel_values, dtype=np.float32)
         task_set = self.task_indices(task_set)
         if form is None:
+            self._recent_sets.append(task_set)
             form = self.planner.choose(task_set, len(x), ("dense", task_set) in self.cache,
-                                       self.cache.in_flight(("dense", task_set)))
+                                       self.cache.in_flight(("dense", task_set)), self._dense_would_stay())
         elif form not in ("dense", "lowrank") or (form == "lowrank" and "lowrank" not in self.runners):
             raise ValueError(f"second pass form {form!r}: choose dense" + (" or lowrank" if "lowrank" in
                                                                           self.runners else " (no lowrank graph)"))
@@ -343,6 +374,14 @@ class MassRuntime:
         else:
             self.planner.observe_lowrank(len(task_set), len(x), seconds)
         return features
+
+    def _dense_would_stay(self) -> bool:
+        """Whether the cache holds as many dense sets as the distinct sets of the recent groups (else LRU evicts
+        a densified set before its next use)."""
+        slots = self.cache.capacity_bytes // max(1, self._dense_bytes)
+        if self.cache.max_entries is not None:
+            slots = min(slots, self.cache.max_entries)
+        return len(set(self._recent_sets.copy())) <= slots  # copy: atomic while other threads append
 
     def heads(self, image_features) -> np.ndarray:
         """Every head's logits (B, sum of classes) on L2-normalised features."""
