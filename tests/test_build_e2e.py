@@ -218,3 +218,36 @@ def test_real_size_vit_b16_in_every_layout(tmp_path):
     assert manifest["validation"]["passed"]
     print("ViT-B-16 validation max |diff|:", manifest["validation"]["max_abs_diff"])
     print("ViT-B-16 storage:", manifest["storage"]["factor_of_tower"])
+
+
+def test_validation_reads_what_was_written_and_refuses_a_changed_part(tiny_tree, tmp_path):
+    """The build hands validation views of the tensors it wrote only after reading every file back: the views
+    equal what the runtime loads (fp16 storage too), and a part changed on disk is named and refused."""
+    from safetensors.torch import load_file as load_torch, save_file
+
+    from mass_export.core.errors import ConfigError
+    from mass_export.export.validate import load_stored
+    from mass_export.pipeline.build import BuildConfig, load, stored_views, write_build
+
+    root, config_path, *_ = tiny_tree
+    cfg = BuildConfig(model=str(config_path), checkpoints=root / "ckpt", routing_layer=1, storage_dtype="fp16",
+                      output=tmp_path / "unused", progress=False, export=False)
+    loaded = load(cfg)
+    assert not hasattr(loaded.pretrained.model, "transformer")  # the text tower is freed once the heads exist
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    manifest = write_build(loaded, cfg, stage)
+    (stored, heads), (files, file_heads) = stored_views(loaded, cfg, stage), load_stored(stage, manifest)
+    assert np.array_equal(heads, file_heads)
+    assert stored.pretrained.keys() == files.pretrained.keys()
+    assert all(np.array_equal(stored.pretrained[k], files.pretrained[k]) for k in files.pretrained)
+    for key, parts in files.factors.items():
+        for name, value in parts.items():
+            assert np.array_equal(np.asarray(stored.factors[key][name], np.float32), np.asarray(value, np.float32))
+    factors = load_torch(str(stage / "factors.safetensors"))
+    changed = sorted(k for k in factors if k.endswith(".U"))[0]
+    factors[changed] = factors[changed].clone()
+    factors[changed].view(-1)[0] += 1
+    save_file(factors, str(stage / "factors.safetensors"))
+    with pytest.raises(ConfigError, match=f"factors.safetensors: {changed}"):
+        stored_views(loaded, cfg, stage)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from mass_export.core import options
 from mass_export.core.compare import Comparison, finite_or_nan, max_abs_diff, worse, worst_per_graph
 from mass_export.core.errors import ValidationError
-from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
+from mass_export.core.lowrank import pick_heads, select_task_sets
 from mass_export.core.manifest import head_slices, read_manifest
 from mass_export.core.routing import first_pass_weights, router_basis_key
 from mass_export.core.taskweights import StoredTasks, low_rank_inputs, task_set_weights
@@ -28,7 +28,8 @@ from mass_export.runtime.images import sample_photos
 # One batch per size, each of its own photos (1 + 3 = 4 images): every graph is compared at two batch sizes, and a
 # real-size build validates in a small fraction of its build time (each image costs several tower passes).
 BATCH_SIZES = (1, 3)
-# Dense weight sets (a tower each) held at once by the validation; the reference holds one more (build.py).
+# Dense weight sets (a tower each) held at once by the validation; the reference holds one more (build.py). The
+# second pass is compared task set by task set across every batch, so one each is enough and none is made twice.
 WEIGHT_SETS_HELD = 1
 
 
@@ -68,8 +69,7 @@ class _LowRankCheck:
 
     def features(self, pixels: np.ndarray, task_set) -> np.ndarray:
         if task_set not in self.cache:
-            if len(self.cache) >= 2:
-                self.cache.pop(next(iter(self.cache)))
+            self.cache.clear()  # sets come one after another (validate_build): one set's inputs held at a time
             inputs = low_rank_inputs(self.stored, task_set, self.keys, self.linear)
             inputs.update({k: self.stored.pretrained[k] for k in self.linear})
             self.cache[task_set] = inputs
@@ -111,14 +111,20 @@ class BuildUnderTest:
         return task_set[position], cls
 
 
-def open_build(root: Path, progress: bool) -> BuildUnderTest:
-    """The build's parts and an ONNX Runtime session per graph; theta_MT made once (unless routing on theta_pre)."""
-    manifest = read_manifest(root)
-    setup = tqdm(total=3, desc="validation: loading the build", unit="step", disable=not progress)
+def load_stored(root: Path, manifest: dict) -> tuple[StoredTasks, np.ndarray]:
+    """A build's stored parts as the runtime reads them (safetensors into numpy): (StoredTasks, heads)."""
     stored = StoredTasks.from_flat(load_file(str(root / "pretrained.safetensors")),
                                    load_file(str(root / "factors.safetensors")),
                                    load_file(str(root / "deltas.safetensors")), manifest["method"]["alpha"])
-    heads = load_file(str(root / "heads.safetensors"))["heads"]
+    return stored, load_file(str(root / "heads.safetensors"))["heads"]
+
+
+def open_build(root: Path, progress: bool, stored: tuple[StoredTasks, np.ndarray] | None = None) -> BuildUnderTest:
+    """The build's parts and an ONNX Runtime session per graph; theta_MT made once (unless routing on theta_pre).
+    ``stored``: (StoredTasks, heads) already in memory and known equal to the build's files; read from them if None."""
+    manifest = read_manifest(root)
+    setup = tqdm(total=3, desc="validation: loading the build", unit="step", disable=not progress)
+    stored, heads = stored if stored is not None else load_stored(root, manifest)
     setup.update()
     setup.set_description("validation: ONNX Runtime sessions")
     graphs = {name: _session(root, record) for name, record in manifest["graphs"].items()}
@@ -133,15 +139,6 @@ def open_build(root: Path, progress: bool) -> BuildUnderTest:
     return BuildUnderTest(manifest, stored, heads, graphs, theta_mt, basis, head_slices(manifest), lowrank)
 
 
-@dataclass
-class BatchResult:
-    """One batch's comparisons (one per graph) and the images whose task set or prediction differs."""
-
-    comparisons: list[Comparison]
-    mismatched_sets: list[int]
-    mismatched_predictions: list[int]
-
-
 class _Diffs(dict):
     """graph -> worst difference so far in this batch (NaN-aware)."""
 
@@ -149,8 +146,9 @@ class _Diffs(dict):
         self[graph] = worse(self.get(graph, 0.0), value)
 
 
-def compare_routing(build: BuildUnderTest, reference, x: torch.Tensor, diffs: _Diffs) -> tuple[list, list]:
-    """The prefix and router graphs against the reference; returns (the graphs' task sets, the reference's)."""
+def compare_routing(build: BuildUnderTest, reference, x: torch.Tensor, diffs: _Diffs) -> tuple[list, list, torch.Tensor]:
+    """The prefix and router graphs against the reference; returns (the graphs' task sets, the reference's, the
+    reference's router probabilities)."""
     feature = _run(build.graphs["prefix"], {"pixel_values": x.numpy(), **build.theta_mt})[0]
     ref_feature = reference.route_feature(x)
     diffs.note("prefix", max_abs_diff(feature, ref_feature.numpy()))
@@ -162,10 +160,10 @@ def compare_routing(build: BuildUnderTest, reference, x: torch.Tensor, diffs: _D
     manifest = build.manifest
     own_sets = (select_task_sets(own_probs, manifest["method"]["eta"], manifest["method"]["top_k"])
                 if build.stored.num_tasks > 1 else [(0,)] * len(x))
-    return own_sets, ref_sets
+    return own_sets, ref_sets, ref_probs
 
 
-def compare_group(build: BuildUnderTest, reference, x: torch.Tensor, task_set, indices, ref_predictions,
+def compare_group(build: BuildUnderTest, reference, x: torch.Tensor, task_set, indices, ref_probs,
                   diffs: _Diffs) -> list[int]:
     """The second pass (dense and low-rank encoder graphs) and the heads graph on the images of one task set;
     returns the indices (within the batch) whose predicted task or class differs from the reference's."""
@@ -174,7 +172,8 @@ def compare_group(build: BuildUnderTest, reference, x: torch.Tensor, task_set, i
                                               **build.task_set_weights(task_set)})[0]
     ref_features = reference.encode(x[indices], task_set)
     diffs.note("encoder", max_abs_diff(features, ref_features.numpy()))
-    expected = [(ref_predictions[index].task_index, ref_predictions[index].class_index) for index in indices]
+    ref_predictions = reference.classify(ref_features, task_set, ref_probs[indices])
+    expected = [(prediction.task_index, prediction.class_index) for prediction in ref_predictions]
     if build.lowrank:
         low_features = build.lowrank.features(x[indices].numpy(), task_set)
         diffs.note("lowrank", max_abs_diff(low_features, ref_features.numpy()))
@@ -186,8 +185,7 @@ def compare_group(build: BuildUnderTest, reference, x: torch.Tensor, task_set, i
     ref_logits = build.heads_logits(ref_features.numpy())
     torch_logits = torch.nn.functional.normalize(ref_features, dim=-1) @ torch.from_numpy(build.heads).T
     diffs.note("heads", max_abs_diff(ref_logits, torch_logits.numpy()))
-    for row, index in enumerate(indices):
-        prediction = ref_predictions[index]
+    for row, (index, prediction) in enumerate(zip(indices, ref_predictions)):
         winner = logits[row][build.slices[prediction.task_index]]
         diffs.note("end_to_end", max_abs_diff(winner, prediction.logits.numpy()))
         if build.pick(logits[row], task_set) != expected[row]:
@@ -195,17 +193,40 @@ def compare_group(build: BuildUnderTest, reference, x: torch.Tensor, task_set, i
     return mismatched
 
 
-def compare_batch(build: BuildUnderTest, reference, x: torch.Tensor, atol: float) -> BatchResult:
-    """Every graph on one batch, against the reference, grouped by the reference's task sets."""
+@dataclass
+class RoutedBatch:
+    """One batch once routed: its images, the reference's routing, and what differed so far."""
+
+    start: int
+    x: torch.Tensor
+    ref_probs: torch.Tensor
+    ref_sets: list
+    diffs: _Diffs
+    mismatched_sets: list[int]
+    mismatched_predictions: list[int] = field(default_factory=list)
+
+    def comparisons(self, atol: float) -> list[Comparison]:
+        return [Comparison(graph, len(self.x), value, atol) for graph, value in self.diffs.items()]
+
+
+def route_batch(build: BuildUnderTest, reference, x: torch.Tensor, start: int) -> RoutedBatch:
+    """The first pass of one batch compared (prefix and router graphs), its task sets kept for the second."""
     diffs = _Diffs()
-    own_sets, ref_sets = compare_routing(build, reference, x, diffs)
-    mismatched_sets = [i for i, (a, b) in enumerate(zip(own_sets, ref_sets)) if a != b]
-    ref_predictions = reference.predict(x)
-    mismatched_predictions = []
-    for task_set, indices in group_by_task_set(ref_sets).items():
-        mismatched_predictions += compare_group(build, reference, x, task_set, indices, ref_predictions, diffs)
-    comparisons = [Comparison(graph, len(x), value, atol) for graph, value in diffs.items()]
-    return BatchResult(comparisons, mismatched_sets, mismatched_predictions)
+    own_sets, ref_sets, ref_probs = compare_routing(build, reference, x, diffs)
+    mismatched = [start + i for i, (a, b) in enumerate(zip(own_sets, ref_sets)) if a != b]
+    return RoutedBatch(start, x, ref_probs, ref_sets, diffs, mismatched)
+
+
+def compare_second_pass(build: BuildUnderTest, reference, routed: list[RoutedBatch], progress: bool) -> None:
+    """Every task set the reference chose, set by set across all batches: each set's dense weights are made once
+    on each side and at most one set is held on each (a tower each)."""
+    task_sets = list(dict.fromkeys(s for batch in routed for s in batch.ref_sets))
+    for task_set in tqdm(task_sets, desc="validating the second pass", unit="task set", disable=not progress):
+        for batch in routed:
+            indices = [i for i, s in enumerate(batch.ref_sets) if s == task_set]
+            if indices:
+                mismatched = compare_group(build, reference, batch.x, task_set, indices, batch.ref_probs, batch.diffs)
+                batch.mismatched_predictions += [batch.start + i for i in mismatched]
 
 
 def batches(pixels: torch.Tensor, batch_sizes) -> list[tuple[int, int]]:
@@ -241,19 +262,20 @@ def failure(root: Path, report: dict, mismatched_sets, mismatched_predictions) -
 
 
 def validate_build(root: Path, reference, atol: float = options.default("atol"), images=(), batch_sizes=BATCH_SIZES,
-                   progress: bool = True) -> dict:
-    """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure."""
+                   progress: bool = True, stored: tuple[StoredTasks, np.ndarray] | None = None) -> dict:
+    """Compare every graph and the end-to-end predictions with the reference; raise ValidationError on failure.
+    ``stored``: the build's parts already in memory (the build passes what it wrote, checked equal to the files)."""
     root = Path(root)
-    build = open_build(root, progress)
+    build = open_build(root, progress, stored)
     pixels = pixel_batch((list(images) or sample_photos())[:sum(batch_sizes)], build.manifest["model"])
     graphs = GRAPHS_COMPARED + (("lowrank",) if build.lowrank else ())
-    comparisons, mismatched_sets, mismatched_predictions = [], [], []
-    for batch_size, start in tqdm(batches(pixels, batch_sizes), desc="validating graphs", unit="batch",
-                                  disable=not progress):
-        result = compare_batch(build, reference, pixels[start:start + batch_size], atol)
-        comparisons += result.comparisons
-        mismatched_sets += [start + i for i in result.mismatched_sets]
-        mismatched_predictions += [start + i for i in result.mismatched_predictions]
+    routed = [route_batch(build, reference, pixels[start:start + size], start)
+              for size, start in tqdm(batches(pixels, batch_sizes), desc="validating the router", unit="batch",
+                                      disable=not progress)]
+    compare_second_pass(build, reference, routed, progress)
+    comparisons = [c for batch in routed for c in batch.comparisons(atol)]
+    mismatched_sets = [i for batch in routed for i in batch.mismatched_sets]
+    mismatched_predictions = [i for batch in routed for i in batch.mismatched_predictions]
     report = report_of(comparisons, mismatched_sets, mismatched_predictions, atol, len(pixels), batch_sizes, graphs)
     if not report["passed"]:
         raise failure(root, report, mismatched_sets, mismatched_predictions)

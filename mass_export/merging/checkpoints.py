@@ -213,6 +213,17 @@ def _split_visual(ckpt: Checkpoint, reference) -> tuple[str, dict]:
     return prefix, {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
 
 
+def drop_text_tower(pretrained: PretrainedModel) -> None:
+    """Free everything of the CLIP but its visual tower (the text tower's one use in a build is the zero-shot heads,
+    made first): a third of ViT-B's memory, 0.5 GB of ViT-L-14's."""
+    model = pretrained.model
+    for name in [n for n, _ in model.named_children() if n != "visual"]:
+        delattr(model, name)
+    for name in [*dict(model.named_parameters(recurse=False)), *dict(model.named_buffers(recurse=False))]:
+        delattr(model, name)
+    pretrained.has_text = False
+
+
 def visual_state(model) -> dict[str, torch.Tensor]:
     """Canonical visual keys -> tensors of an open_clip CLIP (or a PretrainedModel)."""
     if isinstance(model, PretrainedModel):

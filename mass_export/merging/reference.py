@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -13,7 +14,7 @@ from mass_export.core.routing import first_pass_weights, router_basis_key
 from mass_export.nn.heads import head_logits
 from mass_export.merging.merge import TaskFactors, merged_tower
 from mass_export.nn.routing import projection_residuals, routing_probabilities, select_tasks
-from mass_export.nn.tower import FullTower, RoutePrefix, run_with
+from mass_export.nn.tower import FullTower, RoutePrefix, prefix_keys, run_with
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,24 @@ class MassReference:
         self.num_tasks = factors.num_tasks
         self.prefix = RoutePrefix(visual, method.routing_layer).eval()
         self.full = FullTower(visual).eval()
-        self.theta_mt = first_pass_weights(method.router_on, pretrained, lambda: merged_tower(
-            pretrained, factors, range(self.num_tasks), method.alpha, bases,
-            progress="reference: merging theta_MT" if progress else None))
+        self.bases, self.progress = bases, progress
+        # Routing reads only the prefix's keys: merging the rest would cost a tower of memory and its SVDs.
+        self.theta_mt = self.first_pass_weights(prefix_keys(visual, method.routing_layer))
         self.basis = factors.V[router_basis_key(method.routing_layer)]
         self.cache: OrderedDict[tuple, dict] = OrderedDict()
         self.cache_size = cache_size
+
+    def first_pass_weights(self, keys=None) -> dict[str, torch.Tensor]:
+        """The first pass's weights (theta_MT, or theta_pre with ``router_on: pretrained``) for ``keys`` (all: None)."""
+        pretrained = self.pretrained if keys is None else {k: self.pretrained[k] for k in keys}
+        return first_pass_weights(self.method.router_on, pretrained, lambda: merged_tower(
+            pretrained, self.factors, range(self.num_tasks), self.method.alpha, self.bases,
+            progress="reference: merging theta_MT" if self.progress else None))
+
+    @cached_property
+    def theta_mt_full(self) -> dict[str, torch.Tensor]:
+        """Every key of the first pass's weights: only the authors' whole first pass (``predict_naive``) needs it."""
+        return self.first_pass_weights()
 
     def task_set_weights(self, task_set: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """theta(S), merged once per task set and kept in a bounded LRU cache."""
@@ -114,10 +127,17 @@ class MassReference:
             groups.setdefault(task_set, []).append(index)
         for task_set, indices in groups.items():
             features = self.encode(images[indices], task_set)
-            for row, index in enumerate(indices):
-                task, logits = choose_head(features[row], self.heads, task_set)
-                cls = int(logits.argmax())
-                out[index] = Prediction(task, cls, float(logits[cls]), task_set, logits, probs[index])
+            for index, prediction in zip(indices, self.classify(features, task_set, probs[indices])):
+                out[index] = prediction
+        return out
+
+    def classify(self, features: torch.Tensor, task_set: tuple[int, ...], probs: torch.Tensor) -> list[Prediction]:
+        """Each row's prediction among the heads of ``task_set`` (``probs``: the rows' router probabilities)."""
+        out = []
+        for row in range(features.shape[0]):
+            task, logits = choose_head(features[row], self.heads, task_set)
+            cls = int(logits.argmax())
+            out.append(Prediction(task, cls, float(logits[cls]), task_set, logits, probs[row]))
         return out
 
     @torch.no_grad()
@@ -128,7 +148,7 @@ class MassReference:
         c_fc = self.full.visual.transformer.resblocks[self.method.routing_layer].mlp.c_fc
         hook = c_fc.register_forward_hook(lambda module, args, output: captured.update(z=args[0][:, 0]))
         try:
-            run_with(self.full, self.theta_mt, images)
+            run_with(self.full, self.theta_mt_full, images)
         finally:
             hook.remove()
         if self.num_tasks == 1:
@@ -141,8 +161,6 @@ class MassReference:
             indices = [i for i, s in enumerate(task_sets) if s == task_set]
             weights = merged_tower(self.pretrained, self.factors, task_set, self.method.alpha)
             features = run_with(self.full, weights, images[indices])
-            for row, index in enumerate(indices):
-                task, logits = choose_head(features[row], self.heads, task_set)
-                cls = int(logits.argmax())
-                out[index] = Prediction(task, cls, float(logits[cls]), task_set, logits, probs[index])
+            for index, prediction in zip(indices, self.classify(features, task_set, probs[indices])):
+                out[index] = prediction
         return out

@@ -28,9 +28,9 @@ from mass_export.merging.reference import MassReference, Method
 from mass_export.pipeline.config import BuildConfig  # noqa: F401  (part of this module's API)
 
 
-# Dense task-set weight sets the validation's reference keeps (theta_MT aside): the build's memory stays one
-# tower plus the stored factors, not a tower per task set met.
-REFERENCE_WEIGHT_SETS = 2
+# Dense task-set weight sets the validation's reference keeps (theta_MT aside): validation visits the task sets one
+# after another, so one suffices and the build's memory stays a few towers plus the stored factors, whatever T.
+REFERENCE_WEIGHT_SETS = 1
 
 
 class BuildWarning(UserWarning):
@@ -191,7 +191,9 @@ def load(cfg: BuildConfig) -> Loaded:
     if not 0 <= layer < layers:
         raise ConfigError(f"--routing-layer {layer}: the tower has blocks 0..{layers - 1}")
     heads, classes = load_heads(pretrained, tasks, checkpoints, cfg, paths, notes)  # cheap, and fails early
-    visual_pre = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+    ckpt.drop_text_tower(pretrained)  # its one job, the zero-shot heads, is done: free it before the fine-tunes
+    # The tower's own tensors, not copies (nothing writes to them; delta_in_place subtracts into the fine-tune).
+    visual_pre = {k: v.detach().float() if v.is_floating_point() else v.detach()
                   for k, v in ckpt.visual_state(pretrained.model).items()}
     factors = None
     # One fine-tune in memory at a time, its delta made in place, its factors written straight into the
@@ -334,6 +336,32 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
     return update_manifest(stage, storage=storage_report(stage, loaded.visual_pre))
 
 
+def stored_views(loaded: Loaded, cfg: BuildConfig, stage: Path):
+    """(StoredTasks, heads) as numpy views of the tensors just written, once each file is checked to hold exactly
+    them, tensor by tensor: the validation then reads what the runtime will read without a second copy of the
+    tower and the factors in memory."""
+    from safetensors import safe_open
+
+    from mass_export.core.taskweights import StoredTasks
+
+    parts = {"pretrained.safetensors": loaded.visual_pre,
+             "factors.safetensors": factors_to_flat(loaded.factors, loaded.bases),
+             "deltas.safetensors": loaded.factors.whole,
+             "heads.safetensors": {"heads": torch.cat(loaded.heads)}}
+    for file, tensors in parts.items():
+        with safe_open(str(stage / file), framework="pt") as stored:
+            if set(stored.keys()) != set(tensors):
+                raise ConfigError(f"{stage / file}: holds other tensors than the build wrote")
+            dtype = cfg.storage_dtype if file in ("factors.safetensors", "deltas.safetensors") else "fp32"
+            for key, value in tensors.items():
+                if not torch.equal(stored.get_tensor(key), stored_dtype({key: value}, dtype)[key]):
+                    raise ConfigError(f"{stage / file}: {key} reads back different from what was written")
+    numpy = {file: {k: v.numpy() for k, v in tensors.items()} for file, tensors in parts.items()}
+    stored = StoredTasks.from_flat(numpy["pretrained.safetensors"], numpy["factors.safetensors"],
+                                   numpy["deltas.safetensors"], loaded.method.alpha)
+    return stored, numpy["heads.safetensors"]["heads"]
+
+
 def build_inputs(cfg: BuildConfig) -> list[Path]:
     """The files and folders a build reads: the output may not be, hold, or lie inside one of them."""
     per_task = [p for spec in (cfg.task_specs or {}).values() for p in (spec.checkpoint, spec.head, spec.classes)
@@ -355,9 +383,10 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         if cfg.export and cfg.validate:
             from mass_export.export.validate import validate_build
 
+            stored = stored_views(loaded, cfg, stage)
             reference = loaded.reference(REFERENCE_WEIGHT_SETS, cfg.progress)
             report = validate_build(stage, reference, atol=cfg.atol, images=cfg.validation_images,
-                                    progress=cfg.progress)
+                                    progress=cfg.progress, stored=stored)
             manifest = update_manifest(stage, validation=report)
         manifest = update_manifest(stage, build_seconds=round(time.perf_counter() - started, 2))
         open_permissions(stage)
