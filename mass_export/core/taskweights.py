@@ -8,6 +8,7 @@ no-redundancy pass may drop some per key).
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,10 @@ import numpy as np
 from mass_export.core.lowrank import factors_from_core, tsvm_cores_many
 
 QKV_PARTS = ("q", "k", "v")
+# Factor keys whose eigen-decompositions run in one batch when dense weights are made: batching amortises the
+# LAPACK calls, while a whole tower's float64 Gram matrices, cores and factors at once cost ~3 GB more than the
+# tower on ViT-B-16 theta_MT (measured; benchmarks/README.md, build memory).
+KEYS_PER_BATCH = 16
 
 
 @dataclass
@@ -130,14 +135,18 @@ def _chosen_tasks(parts: dict[str, np.ndarray], tasks: tuple[int, ...], base: bo
     return [t for t in tasks if parts["base"][t]] if base else list(tasks)
 
 
-def _selected_parts(stored: StoredTasks, tasks, keys, base: bool) -> dict[str, tuple[list[int], tuple]]:
-    """Per factor key of the wanted weights: its chosen tasks and their (U, s, V); keys whose task list is empty
-    (theta_MT's no-redundancy pass) are left out."""
+def _factor_keys(stored: StoredTasks, keys) -> list[str]:
+    """The factor keys of the wanted weights (all when ``keys`` is None), in stored order."""
     wanted = None if keys is None else set(keys)
+    return [k for k in stored.factors if wanted is None or weight_key(k)[0] in wanted]
+
+
+def _selected_parts(stored: StoredTasks, tasks, factor_keys, base: bool) -> dict[str, tuple[list[int], tuple]]:
+    """Per factor key: its chosen tasks and their (U, s, V); keys whose task list is empty (theta_MT's
+    no-redundancy pass) are left out."""
     selected = {}
-    for factor_key, parts in stored.factors.items():
-        if wanted is not None and weight_key(factor_key)[0] not in wanted:
-            continue
+    for factor_key in factor_keys:
+        parts = stored.factors[factor_key]
         chosen = _chosen_tasks(parts, tuple(tasks), base)
         if chosen:
             index = np.asarray(chosen, dtype=np.int64)
@@ -150,7 +159,10 @@ def task_set_cores(stored: StoredTasks, tasks, keys=None, base: bool = False, dt
     """Per factor key of the wanted weights: the small core of its TSV-M (``lowrank.tsvm_cores_many``: the
     |S|k x |S|k middle M in ``dtype``, or the balanced factors of an ill-conditioned key). The
     eigen-decompositions run batched across keys; the Gram matrices come from ``blocks`` when given."""
-    selected = _selected_parts(stored, tasks, keys, base)
+    return _cores(_selected_parts(stored, tasks, _factor_keys(stored, keys), base), dtype, blocks)
+
+
+def _cores(selected: dict[str, tuple[list[int], tuple]], dtype, blocks: GramBlocks | None) -> dict[str, tuple]:
     grams = [blocks.grams(key, chosen) for key, (chosen, _) in selected.items()] if blocks is not None else None
     return dict(zip(selected, tsvm_cores_many([parts for _, parts in selected.values()], dtype, grams)))
 
@@ -160,9 +172,9 @@ def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, 
     """Per factor key of the wanted weights: (A, B) in ``dtype`` with A @ B = TSV-M of the key's tasks, made
     from ``cores`` (``task_set_cores`` of the same tasks and keys) when given: then no eigen-decomposition runs,
     only the products U_cat M."""
-    selected = _selected_parts(stored, tasks, keys, base)
+    selected = _selected_parts(stored, tasks, _factor_keys(stored, keys), base)
     if cores is None:
-        cores = task_set_cores(stored, tasks, keys, base, dtype, blocks)
+        cores = _cores(selected, dtype, blocks)
     return {key: factors_from_core(*parts, cores[key], dtype) for key, (_, parts) in selected.items()}
 
 
@@ -186,17 +198,28 @@ def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False,
     tasks = tuple(tasks)
     wanted = None if keys is None else set(keys)
     dtype = np.float64 if base else np.float32
+    factor_keys = _factor_keys(stored, keys)
+    parts_left = Counter(weight_key(k)[0] for k in factor_keys)  # q/k/v blocks of one weight may span batches
     out: dict[str, np.ndarray] = {}
-    for factor_key, (A, B) in task_set_factors(stored, tasks, keys, base, dtype, blocks).items():
-        key, block = weight_key(factor_key)
-        if key not in out:
-            out[key] = np.array(stored.pretrained[key], dtype=dtype, copy=True)
-        rows = A.shape[0]
-        target = out[key] if block is None else out[key][block * rows:(block + 1) * rows]
-        update = np.matmul(A, B)
-        if stored.alpha != 1:
-            update *= stored.alpha
-        target += update
+    for start in range(0, len(factor_keys), KEYS_PER_BATCH):
+        selected = _selected_parts(stored, tasks, factor_keys[start:start + KEYS_PER_BATCH], base)
+        cores = _cores(selected, dtype, blocks)
+        for factor_key, (_, parts) in selected.items():
+            A, B = factors_from_core(*parts, cores.pop(factor_key), dtype)
+            key, block = weight_key(factor_key)
+            if key not in out:
+                out[key] = np.array(stored.pretrained[key], dtype=dtype, copy=True)
+            rows = A.shape[0]
+            target = out[key] if block is None else out[key][block * rows:(block + 1) * rows]
+            update = np.matmul(A, B)
+            if stored.alpha != 1:
+                update *= stored.alpha
+            target += update
+        for factor_key in factor_keys[start:start + KEYS_PER_BATCH]:
+            key = weight_key(factor_key)[0]
+            parts_left[key] -= 1
+            if not parts_left[key] and key in out:  # done: float32 now, so one float64 weight is held, not a tower
+                out[key] = np.ascontiguousarray(out[key], dtype=np.float32)
     out.update(mean_deltas(stored, tasks, wanted))
     for key, value in stored.pretrained.items():
         if (wanted is None or key in wanted) and key not in out:
