@@ -3,7 +3,8 @@
     python benchmarks/batch_run.py --build BUILD --images DIR [--workers 2] [--repeats 2] > result.json
     python benchmarks/batch_run.py --zoo --per-task 150                  # the demo zoo's build and test images
 
-Each repeat runs local then Ray (interleaved, so machine noise hits both). Reported per run: wall time of the whole
+Each repeat runs local (1 thread per runtime, then as many threads as Ray has workers: the same cores) then Ray
+(interleaved, so machine noise hits all three). Reported per run: wall time of the whole
 command, the run's own load time (build load; for Ray, its cluster start-up too) and classify time, and images/s;
 then the ratio Ray / local of classify time and of wall time. Rows are compared too (same task, class, task set).
 """
@@ -58,14 +59,18 @@ def main() -> None:
             args.build = default_build(progress=False)
             args.images = tmp / "images"
             write_test_images(read_manifest(args.build)["tasks"], args.images, args.per_task, seed=0)
-        common = [str(args.images), "--build", str(args.build), "--threads", str(args.threads), "--batch-size",
-                  str(args.batch_size), "--force"]
-        results = {"local": [], "ray": []}
+        def common(threads):
+            return [str(args.images), "--build", str(args.build), "--threads", str(threads), "--batch-size",
+                    str(args.batch_size), "--force"]
+        # The plain run on as many threads as Ray has workers too: the same cores, one process.
+        same_cores = common(args.threads * args.workers)
+        results = {"local": [], "local_same_cores": [], "ray": []}
         for _ in range(args.repeats):
-            results["local"].append(run([*common, "-o", str(tmp / "local.jsonl")]))
-            results["ray"].append(run([*common, "-o", str(tmp / "ray.jsonl"), "--ray", "local", "--ray-workers",
+            results["local"].append(run([*common(args.threads), "-o", str(tmp / "local.jsonl")]))
+            results["local_same_cores"].append(run([*same_cores, "-o", str(tmp / "local_same_cores.jsonl")]))
+            results["ray"].append(run([*common(args.threads), "-o", str(tmp / "ray.jsonl"), "--ray", "local", "--ray-workers",
                                        str(args.workers)]))
-        same = rows(tmp / "local.jsonl") == rows(tmp / "ray.jsonl")
+        same = rows(tmp / "local.jsonl") == rows(tmp / "ray.jsonl") == rows(tmp / "local_same_cores.jsonl")
 
     def best(kind, key):
         return min(r[key] for r in results[kind])
@@ -79,6 +84,9 @@ def main() -> None:
         "ray_over_local": {"classify_time": round(best("ray", "classify_s") / best("local", "classify_s"), 3),
                            "wall_time": round(best("ray", "wall_s") / best("local", "wall_s"), 3),
                            "load_time": round(best("ray", "load_s") / best("local", "load_s"), 3)},
+        "ray_over_local_same_cores": {
+            "classify_time": round(best("ray", "classify_s") / best("local_same_cores", "classify_s"), 3),
+            "wall_time": round(best("ray", "wall_s") / best("local_same_cores", "wall_s"), 3)},
     }, indent=2))
 
 
