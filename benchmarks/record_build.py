@@ -44,6 +44,7 @@ def main():
         "wall_clock": time_field(timing, "Elapsed (wall clock) time"),
         "cpu_percent": time_field(timing, "Percent of CPU this job got"),
         "build_seconds": manifest.get("build_seconds"),
+        "stage_seconds": manifest.get("stage_seconds"),
         "peak_rss_mib": round(int(rss) / 1024) if rss else None,
         "last_progress": None if manifest else last_progress(log),
         "storage": manifest.get("storage"), "validation": manifest.get("validation"),

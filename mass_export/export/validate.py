@@ -21,6 +21,7 @@ from mass_export.core.compare import Comparison, finite_or_nan, max_abs_diff, wo
 from mass_export.core.errors import ValidationError
 from mass_export.core.lowrank import pick_heads, select_task_sets
 from mass_export.core.manifest import head_slices, read_manifest
+from mass_export.core.memory import return_freed_memory
 from mass_export.core.routing import first_pass_weights, router_basis_key
 from mass_export.core.taskweights import StoredTasks, low_rank_inputs, task_set_weights
 from mass_export.runtime.images import sample_photos
@@ -272,6 +273,10 @@ def validate_build(root: Path, reference, atol: float = options.default("atol"),
     routed = [route_batch(build, reference, pixels[start:start + size], start)
               for size, start in tqdm(batches(pixels, batch_sizes), desc="validating the router", unit="batch",
                                       disable=not progress)]
+    # Every image is routed: free both sides' theta_MT before the second pass makes its towers.
+    build.theta_mt = None
+    reference.release_first_pass()
+    return_freed_memory()
     compare_second_pass(build, reference, routed, progress)
     comparisons = [c for batch in routed for c in batch.comparisons(atol)]
     mismatched_sets = [i for batch in routed for i in batch.mismatched_sets]

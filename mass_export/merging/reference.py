@@ -71,8 +71,8 @@ class MassReference:
         self.prefix = RoutePrefix(visual, method.routing_layer).eval()
         self.full = FullTower(visual).eval()
         self.bases, self.progress = bases, progress
-        # Routing reads only the prefix's keys: merging the rest would cost a tower of memory and its SVDs.
-        self.theta_mt = self.first_pass_weights(prefix_keys(visual, method.routing_layer))
+        self._prefix_keys = prefix_keys(visual, method.routing_layer)
+        self._theta_mt = self.theta_mt  # made now, so its cost lands in the constructor's progress bar
         self.basis = factors.V[router_basis_key(method.routing_layer)]
         self.cache: OrderedDict[tuple, dict] = OrderedDict()
         self.cache_size = cache_size
@@ -84,6 +84,14 @@ class MassReference:
             pretrained, self.factors, range(self.num_tasks), self.method.alpha, self.bases,
             progress="reference: merging theta_MT" if self.progress else None))
 
+    @property
+    def theta_mt(self) -> dict[str, torch.Tensor]:
+        """The first pass's weights for the prefix's keys only: routing reads no other key, and merging the rest
+        would cost a tower of memory and its SVDs. Made again if released."""
+        if getattr(self, "_theta_mt", None) is None:
+            self._theta_mt = self.first_pass_weights(self._prefix_keys)
+        return self._theta_mt
+
     @cached_property
     def theta_mt_full(self) -> dict[str, torch.Tensor]:
         """Every key of the first pass's weights: only the authors' whole first pass (``predict_naive``) needs it."""
@@ -94,11 +102,18 @@ class MassReference:
         if task_set in self.cache:
             self.cache.move_to_end(task_set)
             return self.cache[task_set]
-        weights = merged_tower(self.pretrained, self.factors, task_set, self.method.alpha)
-        self.cache[task_set] = weights
-        if len(self.cache) > self.cache_size:
+        while self.cache and len(self.cache) >= self.cache_size:  # evict first: never cache_size + 1 towers at once
             self.cache.popitem(last=False)
+        weights = merged_tower(self.pretrained, self.factors, task_set, self.method.alpha)
+        if self.cache_size > 0:
+            self.cache[task_set] = weights
         return weights
+
+    def release_first_pass(self) -> None:
+        """Drop theta_MT once every image is routed (validation does so before the second pass): a tower's worth.
+        Routing again makes it again."""
+        self._theta_mt = None
+        self.__dict__.pop("theta_mt_full", None)
 
     @torch.no_grad()
     def route_feature(self, images: torch.Tensor) -> torch.Tensor:
