@@ -56,3 +56,33 @@ def test_single_task_set_is_pretrained_plus_its_update(reference):
     expected = reference.pretrained[key] + (f.U[key][1] * f.s[key][1]) @ f.V[key][1]
     assert (weights[key] - expected).abs().max() < 1e-5
     assert torch.allclose(weights["conv1.weight"], reference.pretrained["conv1.weight"] + f.whole["conv1.weight"][1])
+
+
+def test_released_first_pass_is_made_again_identically(reference):
+    """Validation releases theta_MT before the second pass; routing afterwards must make the same weights again."""
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    before = {k: v.clone() for k, v in reference.theta_mt.items()}
+    probs, _, sets = reference.route(x)
+    reference.release_first_pass()
+    assert reference._theta_mt is None
+    again_probs, _, again_sets = reference.route(x)
+    assert again_sets == sets
+    assert torch.equal(again_probs, probs)
+    assert all(torch.equal(reference.theta_mt[k], before[k]) for k in before)
+
+
+def test_cache_evicts_before_it_merges(reference, monkeypatch):
+    """A full cache drops its oldest set before the new one is merged: never cache_size + 1 towers alive at once."""
+    for task_set in [(0,), (1,)]:
+        reference.task_set_weights(task_set)
+    held = []
+    real = merge.merged_tower
+
+    def counting(*args, **kwargs):
+        held.append(len(reference.cache))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("mass_export.merging.reference.merged_tower", counting)
+    reference.task_set_weights((2, 3))
+    assert held == [1]
+    assert list(reference.cache) == [(1,), (2, 3)]
