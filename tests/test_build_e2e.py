@@ -83,6 +83,10 @@ def test_build_writes_the_contract(tiny_build):
     print("validation max |diff|:", manifest["validation"]["max_abs_diff"])
     assert manifest["model"]["quick_gelu"] is False
     assert {"torch", "onnx", "onnxruntime", "open_clip"} <= set(manifest["versions"])
+    stages = manifest["stage_seconds"]  # where a slow build's time went: every stage, adding up to the whole
+    assert list(stages) == ["load_and_truncate", "write_and_export", "read_back", "validation"]
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert sum(stages.values()) <= manifest["build_seconds"] + 0.05
     assert not list(out.parent.glob(".build.*")), "staging directory left behind"
 
 
