@@ -72,7 +72,7 @@ class MassReference:
         self.full = FullTower(visual).eval()
         self.bases, self.progress = bases, progress
         self._prefix_keys = prefix_keys(visual, method.routing_layer)
-        self._theta_mt = self.theta_mt  # made now, so its cost lands in the constructor's progress bar
+        self._theta_mt = self.first_pass_weights(self._prefix_keys)  # now: its cost shows in the build's progress
         self.basis = factors.V[router_basis_key(method.routing_layer)]
         self.cache: OrderedDict[tuple, dict] = OrderedDict()
         self.cache_size = cache_size
@@ -88,7 +88,7 @@ class MassReference:
     def theta_mt(self) -> dict[str, torch.Tensor]:
         """The first pass's weights for the prefix's keys only: routing reads no other key, and merging the rest
         would cost a tower of memory and its SVDs. Made again if released."""
-        if getattr(self, "_theta_mt", None) is None:
+        if self._theta_mt is None:
             self._theta_mt = self.first_pass_weights(self._prefix_keys)
         return self._theta_mt
 
