@@ -26,6 +26,10 @@ from mass_export.evaluation import BENCH_BATCH_SIZES, BENCH_ITERATIONS, BENCH_SE
               help="Comma list of streams: homogeneous (the same photos every batch, routed), mixed (task sets "
               "drawn per image: own task uniform, 1/2/3 tasks with p 0.28/0.63/0.09, partners uniform; seeded), "
               "or a folder / image file list (real images in order, routed).")
+@click.option("--window", type=click.IntRange(min=1), default=None,
+              help="Images per round, routed and then grouped by task set across the round as `run --window` does "
+              "(rounded down to whole batches; default: run's default of 8 batches; equal to the batch size: batch "
+              "by batch).")
 @click.option("--seed", type=int, default=BENCH_SEED, show_default=True, help="Seed of the mixed stream's draws.")
 @click.option("--cache-bytes", type=click.IntRange(min=0), default=None,
               help="Task-set cache budget of each runtime (default: from available memory).")
@@ -35,7 +39,7 @@ from mass_export.evaluation import BENCH_BATCH_SIZES, BENCH_ITERATIONS, BENCH_SE
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the JSON report to this file.")
 def bench(build_dir, batch_sizes, warmup, iterations, providers, threads, with_torch, peak_tflops, streams, seed,
-          cache_bytes, as_json, csv_path, output):
+          window, cache_bytes, as_json, csv_path, output):
     """Time one plain encoder pass and the exported two-pass MASS runtime on each stream (the homogeneous one
     also per stage, preparing one task set, and the torch reference), interleaved round by round; report
     images/s, p50/p90/p99 latency, ratios to the plain pass, task sets per batch and cache counters. Each stream
@@ -50,7 +54,7 @@ def bench(build_dir, batch_sizes, warmup, iterations, providers, threads, with_t
     report = run_bench(build_dir, [int(b) for b in batch_sizes.split(",")], warmup, iterations,
                        [p.strip() for p in providers.split(",")], threads, with_torch, peak_tflops,
                        progress=not as_json, streams=[s.strip() for s in streams.split(",") if s.strip()], seed=seed,
-                       cache_bytes=cache_bytes)
+                       cache_bytes=cache_bytes, window=window)
     if output:
         write_report(report, output)
     if csv_path:

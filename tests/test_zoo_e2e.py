@@ -75,6 +75,7 @@ def test_bench_json_structure(zoo_build, tmp_path):
     assert {(row["stream"], row["phase"], row["batch"]) for row in mass} == {
         (stream, phase, batch) for stream in streams for phase in ("cold", "steady") for batch in (1, 4)}
     for row in mass:
+        assert row["window"] == 8 * row["batch"]  # run's default window: 8 batches routed, then grouped
         assert row["throughput_ratio_to_plain"] > 0 and 1 <= row["task_sets_per_batch"] <= row["batch"]
         assert row["hits"] + row["misses"] >= 1 and row["preparations"] <= row["misses"]
         assert sum(row["second_pass_groups"].values()) >= 1
@@ -85,4 +86,4 @@ def test_bench_json_structure(zoo_build, tmp_path):
     assert report["providers_active"]["encoder"] == ["CPUExecutionProvider"]
     assert report["storage"]["factor_of_tower"]["total"] > 1
     assert report["runtime_memory"]["peak_rss_mib"] > 0 and report["runtime_memory"]["torch_imported"] is False
-    assert (tmp_path / "b.csv").read_text().startswith("stream,phase,batch,variant,images_per_s")
+    assert (tmp_path / "b.csv").read_text().startswith("stream,phase,batch,window,variant,images_per_s")

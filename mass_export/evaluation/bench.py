@@ -127,22 +127,26 @@ class Stream:
         return np.stack([self.runtime.preprocessor(runtime_image(path)) for path in chosen]), None
 
 
-def mass_call(runtime, stream: Stream, record: list) -> callable:
-    """One two-pass batch of the stream; appends its distinct task-set count to ``record``. Decoding a PATH
-    stream's images happens before the timed call."""
+def mass_call(runtime, stream: Stream, window_batches: int, record: list) -> tuple[callable, callable]:
+    """One round of the stream as `run` meets it: ``window_batches`` batches are routed batch by batch, then their
+    images' second passes run grouped by task set across the window, in chunks of at most one batch
+    (``MassRuntime.classify_batches``' schedule). Appends each batch's distinct task-set count to ``record``.
+    Decoding a PATH stream's images happens before the timed call."""
     pending = {}
 
     def prepare():
-        pending["batch"] = stream.next_batch()
+        pending["batches"] = [stream.next_batch() for _ in range(window_batches)]
 
     def call():
-        pixels, forced = pending.pop("batch")
-        if forced is None:
-            predictions = runtime.predict(pixels)
-        else:
-            runtime.route(pixels)  # a real stream routes every image; the drawn sets then replace the router's
-            predictions = runtime.predict(pixels, task_sets=forced)
-        record.append(len({p.task_set for p in predictions}))
+        batches = pending.pop("batches")
+        routed = [runtime.route(pixels) for pixels, _ in batches]  # a real stream routes every image
+        # The mixed stream's drawn sets replace the router's (predict's task_sets, the API for known tasks).
+        task_sets = [s for (_, forced), (_, sets) in zip(batches, routed) for s in (forced or sets)]
+        pixels = np.concatenate([pixels for pixels, _ in batches])
+        probs = np.concatenate([probs for probs, _ in routed])
+        predictions = runtime.predict(pixels, task_sets=task_sets, probs=probs, batch_size=stream.batch)
+        for start in range(0, len(predictions), stream.batch):
+            record.append(len({p.task_set for p in predictions[start:start + stream.batch]}))
 
     return prepare, call
 
@@ -253,10 +257,12 @@ def gpu_name() -> str | None:
         return None
 
 
-def _timing_row(batch: int, name: str, values: list[float], plain: float) -> dict:
+def _timing_row(batch: int, name: str, values: list[float], images: int, plain_per_image: float) -> dict:
+    """A variant's row: ``images`` per timed call, ratios against the plain pass on as many images."""
     ordered = sorted(values)
     median = statistics.median(values)
-    return {"batch": batch, "variant": name, "images_per_s": round(batch / median, 3),
+    plain = plain_per_image * images
+    return {"batch": batch, "variant": name, "images_per_s": round(images / median, 3),
             "p50_ms": round(1000 * median, 3),
             "p90_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
             "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
@@ -275,16 +281,18 @@ def _counter_delta(before: dict, after: dict) -> dict:
     return delta
 
 
-def bench_stream(build_dir: Path, stream_name: str, batch: int, pixels: np.ndarray, plain, warmup: int,
-                 iterations: int, load, extras: dict, seed: int, progress: bool) -> list[dict]:
+def bench_stream(build_dir: Path, stream_name: str, batch: int, window_batches: int, pixels: np.ndarray, plain,
+                 warmup: int, iterations: int, load, extras: dict, seed: int, progress: bool) -> list[dict]:
     """Rows of one stream at one batch size, from a freshly loaded runtime (nothing prepared but what its
-    load calibration measures and drops): ``cold`` = the warm-up rounds, ``steady`` = the timed rounds after."""
+    load calibration measures and drops): ``cold`` = the warm-up rounds, ``steady`` = the timed rounds after.
+    A round is one window of ``window_batches`` batches for the plain pass and the two-pass runtime (rows per
+    round); the extras (stages, preparation, torch) run once per round on one batch."""
     from tqdm.auto import tqdm
 
     runtime = load()
     stream = Stream(stream_name, runtime, pixels, seed)
     sets_per_batch: list[int] = []
-    prepare, mass = mass_call(runtime, stream, sets_per_batch)
+    prepare, mass = mass_call(runtime, stream, window_batches, sets_per_batch)
     counters = {}
 
     def counted_mass():  # counters of the stream's own calls only (stage rows share the runtime)
@@ -298,23 +306,30 @@ def bench_stream(build_dir: Path, stream_name: str, batch: int, pixels: np.ndarr
             else:
                 counters[key] = round(counters.get(key, 0) + value, 4)
 
-    calls = [("plain_pass", plain), ("mass_onnx", counted_mass), *extras.items()]
+    def plain_window():
+        for _ in range(window_batches):
+            plain()
+
+    window = window_batches * batch
+    calls = [("plain_pass", plain_window, window), ("mass_onnx", counted_mass, window),
+             *((name, call, batch) for name, call in extras.items())]
     rows = []
     for phase, rounds in (("cold", warmup), ("steady", iterations)):
         if rounds == 0:
             continue
-        timed = {name: [] for name, _ in calls}
+        timed = {name: [] for name, _, _ in calls}
         counts_from = len(sets_per_batch)
         counters.clear()
         for _ in tqdm(range(rounds), desc=f"bench {stream_name} batch {batch} {phase}", disable=not progress):
             prepare()
-            for name, call in calls:
+            for name, call, _ in calls:
                 start = time.perf_counter()
                 call()
                 timed[name].append(time.perf_counter() - start)
-        plain_median = statistics.median(timed["plain_pass"])
-        for name, values in timed.items():
-            row = {"stream": stream_name, "phase": phase, **_timing_row(batch, name, values, plain_median)}
+        plain_per_image = statistics.median(timed["plain_pass"]) / window
+        for name, call, images in calls:
+            row = {"stream": stream_name, "phase": phase, "window": window,
+                   **_timing_row(batch, name, timed[name], images, plain_per_image)}
             if name == "mass_onnx":
                 counts = sets_per_batch[counts_from:]
                 row["task_sets_per_batch"] = round(sum(counts) / len(counts), 2)
@@ -327,10 +342,13 @@ def bench_stream(build_dir: Path, stream_name: str, batch: int, pixels: np.ndarr
 def run_bench(build_dir, batch_sizes=BENCH_BATCH_SIZES, warmup: int = BENCH_WARMUP, iterations: int = BENCH_ITERATIONS,
               providers=("cpu",),
               threads: int | None = None, with_torch: bool = True, peak_tflops: float | None = None,
-              progress: bool = True, streams=STREAMS, seed: int = BENCH_SEED, cache_bytes: int | None = None) -> dict:
+              progress: bool = True, streams=STREAMS, seed: int = BENCH_SEED, cache_bytes: int | None = None,
+              window: int | None = None) -> dict:
     """Time the plain pass and the two-pass runtime on each stream, interleaved round by round; see
-    benchmarks/README.md for what each stream and row means."""
+    benchmarks/README.md for what each stream and row means. window: images per round (routed, then grouped by
+    task set across them as `run` does; rounded down to whole batches, at least one); default `run`'s window."""
     from mass_export.runtime import MassRuntime
+    from mass_export.runtime.engine import DEFAULT_WINDOW_BATCHES
     from mass_export.runtime.backends import make_runner
     from mass_export.runtime.preprocess import Preprocessor
 
@@ -354,20 +372,21 @@ def run_bench(build_dir, batch_sizes=BENCH_BATCH_SIZES, warmup: int = BENCH_WARM
                                    providers, threads)
         for batch in batch_sizes:
             pixels = sample_pixels(preprocessor, batch)
+            window_batches = DEFAULT_WINDOW_BATCHES if window is None else max(1, window // batch)
             for stream_name in streams:
-                rows += bench_stream_with_extras(build_dir, stream_name, batch, pixels, plain_runner, warmup,
-                                                 iterations, load, threads, with_torch, seed, progress)
+                rows += bench_stream_with_extras(build_dir, stream_name, batch, window_batches, pixels, plain_runner,
+                                                 warmup, iterations, load, threads, with_torch, seed, progress)
                 gc.collect()  # one stream's runtime (a real-size tower and its cache) is gone before the next
     for row in rows:
         if row["variant"] in ("plain_pass", "mass_onnx"):
             macs = macs_full if row["variant"] == "plain_pass" else macs_prefix + macs_full
-            row["tflops"] = round(2 * macs * row["batch"] / (row["p50_ms"] / 1000) / 1e12, 4)
+            row["tflops"] = round(2 * macs * row["window"] / (row["p50_ms"] / 1000) / 1e12, 4)
             if peak:
                 row["mfu"] = round(row["tflops"] / peak, 4)
     return {
         "build": str(build_dir), "model": manifest["model"]["name"], "tasks": len(manifest["tasks"]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup": warmup, "iterations": iterations,
-        "streams": list(streams), "seed": seed,
+        "streams": list(streams), "seed": seed, "window": window,
         "mixed_distribution": {"own_task": "uniform", "set_size": dict(zip(MIXED_SET_SIZES, MIXED_SIZE_PROBABILITIES)),
                                "partners": "uniform"},
         "providers_requested": list(providers), "providers_active": providers_active,
@@ -379,8 +398,8 @@ def run_bench(build_dir, batch_sizes=BENCH_BATCH_SIZES, warmup: int = BENCH_WARM
     }
 
 
-def bench_stream_with_extras(build_dir, stream_name, batch, pixels, plain_runner, warmup, iterations, load, threads,
-                             with_torch, seed, progress) -> list[dict]:
+def bench_stream_with_extras(build_dir, stream_name, batch, window_batches, pixels, plain_runner, warmup, iterations,
+                             load, threads, with_torch, seed, progress) -> list[dict]:
     """One stream's rows; the homogeneous stream also times the stages, task-set preparation and torch."""
     extras = {}
 
@@ -394,11 +413,11 @@ def bench_stream_with_extras(build_dir, stream_name, batch, pixels, plain_runner
         return runtime
 
     plain = lambda: plain_runner.run({"images": pixels})  # noqa: E731
-    return bench_stream(build_dir, stream_name, batch, pixels, plain, warmup, iterations, loaded,
+    return bench_stream(build_dir, stream_name, batch, window_batches, pixels, plain, warmup, iterations, loaded,
                         extras, seed, progress)
 
 
-CSV_COLUMNS = ["stream", "phase", "batch", "variant", "images_per_s", "p50_ms", "p90_ms", "p99_ms",
+CSV_COLUMNS = ["stream", "phase", "batch", "window", "variant", "images_per_s", "p50_ms", "p90_ms", "p99_ms",
                "time_ratio_to_plain", "throughput_ratio_to_plain", "tflops", "mfu", "task_sets_per_batch", "hits",
                "misses", "waits", "preparations", "prepare_seconds", "evictions", "cache_bytes"]
 
