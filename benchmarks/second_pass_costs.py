@@ -27,8 +27,9 @@ from safetensors.numpy import load_file
 from threadpoolctl import threadpool_limits
 
 from mass_export.core.manifest import read_manifest
+from mass_export.core.lowrank import LOW_RANK_GRAPH_SPREAD
 from mass_export.core.taskweights import (GramBlocks, StoredTasks, dense_from_low_rank, low_rank_inputs,
-                                         task_set_cores)
+                                         low_rank_stacks, task_set_cores)
 from mass_export.runtime.backends import make_runner
 
 
@@ -62,7 +63,8 @@ def main():
     fixed = {n: tuple(sorted(rng.choice(stored.num_tasks, n, replace=False).tolist())) for n in (1, 2, 3)}
     with threadpool_limits(1, user_api="blas"):
         factors = {n: low_rank_inputs(stored, s, keys, linear, store) for n, s in fixed.items()}
-    base = {k: stored.pretrained[k] for k in linear}
+    base = {**{k: stored.pretrained[k] for k in linear},
+            **low_rank_stacks(stored, manifest["graphs"]["lowrank"]["factor_keys"])}
     timed, drawn = {}, {n: [] for n in (1, 2, 3)}
 
     def clock(name, call, blas=1):
@@ -83,7 +85,7 @@ def main():
             clock(f"prepare_lowrank.size{n}.store.blas2",
                   lambda: low_rank_inputs(stored, task_set, keys, linear, store), blas=2)
             with threadpool_limits(1, user_api="blas"):
-                cores = task_set_cores(stored, task_set, linear, blocks=store)
+                cores = task_set_cores(stored, task_set, linear, blocks=store, well_conditioned=LOW_RANK_GRAPH_SPREAD)
             clock(f"prepare_lowrank.size{n}.cores",
                   lambda: low_rank_inputs(stored, task_set, keys, linear, store, cores))
             clock(f"prepare_product.size{n}", lambda: dense_from_low_rank(stored, factors[n], linear))

@@ -56,7 +56,12 @@ def test_lowrank_graph_equals_dense_path_and_torch_reference(tiny_build, images,
     print(f"all logits, every routed set plus (0,1,2), (0,1,2,3): max |diff| {worst}")
     assert max(worst.values()) < 1e-4
     assert lowrank.stats()["second_pass"]["choices"]["lowrank"] > 0
-    assert lowrank.stats()["cache"]["dense_sets"] == 0  # the low-rank form never densified a set
+    # (0, 1, 2, 3) is every task of this 4-task build: |S|k reaches the width and its Gram matrices are near
+    # singular (spread ~6e-8, below LOW_RANK_GRAPH_SPREAD), so the low-rank runtime ran that one set dense,
+    # exactly (above); every other set ran the low-rank graph.
+    assert lowrank.task_indices((0, 1, 2, 3)) in {task_set for kind, task_set in lowrank.cache.info()["keys"]
+                                                  if kind == "dense"}
+    assert lowrank.stats()["cache"]["dense_sets"] == 1
 
 
 def test_gram_blocks_give_the_same_task_set_weights(tiny_build):
@@ -78,6 +83,9 @@ def test_gram_blocks_give_the_same_task_set_weights(tiny_build):
             assert blocks.computed == computed
         low = low_rank_inputs(stored, task_set, keys, linear, blocks)
         expected = low_rank_inputs(stored, task_set, keys, linear)
+        if task_set == (0, 1, 2, 3):  # near-singular Gram matrices: no low-rank inputs, with or without blocks
+            assert low is None and expected is None
+            continue
         worst = max(worst, max(float(np.abs(low[k] - expected[k]).max()) for k in expected if low[k].dtype.kind == "f"))
     print(f"task-set weights and low-rank inputs with vs without Gram blocks: max |diff| {worst:.1e}")
     assert worst <= 1e-6

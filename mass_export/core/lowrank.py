@@ -24,6 +24,10 @@ GRAM_RCOND = 1e-13
 # A Gram matrix whose smallest kept eigenvalue is below this fraction of its largest is "ill-conditioned": float32
 # products through its inverse square root would lose up to sqrt(1 / ratio) of float32's precision (10x here).
 WELL_CONDITIONED = 1e-2
+# The low-rank graph applies M in float32 to activations, (x V_cat^T) M^T U_cat^T: its rounding grows as
+# 1/sqrt(spread) like the products'. It takes keys down to this spread (100x float32's precision, ~1e-5 of the
+# update: every triple of the 4-task test build, whose spreads are ~6e-3); below it a task set runs dense.
+LOW_RANK_GRAPH_SPREAD = 1e-4
 
 
 def inverse_sqrt_psd(gram: np.ndarray, rcond: float = GRAM_RCOND, with_spread: bool = False):
@@ -56,7 +60,8 @@ def gram(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def tsvm_cores_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dtype=np.float32,
-                    grams: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[tuple]:
+                    grams: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                    well_conditioned: float = WELL_CONDITIONED) -> list[tuple]:
     """Per (U, s, V) of ``parts``, the small core its TSV-M factors are made from (``factors_from_core``).
 
     Usually ("middle", M): A = U_cat M (m, Sk), B = V_cat (Sk, n) with M = G_U^(-1/2) diag(s_cat) G_V^(-1/2)
@@ -67,6 +72,8 @@ def tsvm_cores_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dtyp
     B = V_perp (both polar factors, orthonormal, computed in float64): the same product, no large entries.
     ``dtype=np.float64`` is the all-float64 form. grams: each part's (G_U, G_V) in float64 when the caller has
     them (``taskweights.GramBlocks`` assembles them from cached per-pair blocks), else they are computed here.
+    well_conditioned: the spread below which a key's core is balanced (``LOW_RANK_GRAPH_SPREAD`` for the cores
+    the low-rank graph takes).
     """
     cats: dict[int, tuple] = {}
 
@@ -91,7 +98,7 @@ def tsvm_cores_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dtyp
         roots_v, spread_v = inverse_sqrt_psd(grams_v, with_spread=True)
         for position, i in enumerate(indices):
             s_cat = parts[i][1].reshape(-1).astype(np.float64)
-            if dtype == np.float64 or min(spread_u[position], spread_v[position]) >= WELL_CONDITIONED:
+            if dtype == np.float64 or min(spread_u[position], spread_v[position]) >= well_conditioned:
                 middle = roots_u[position] @ (s_cat[:, None] * roots_v[position])
                 out[i] = ("middle", middle.astype(dtype))
             else:

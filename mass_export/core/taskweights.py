@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mass_export.core.lowrank import factors_from_core, tsvm_cores_many
+from mass_export.core.lowrank import (LOW_RANK_GRAPH_SPREAD, WELL_CONDITIONED, concatenated, factors_from_core,
+                                     tsvm_cores_many)
 
 QKV_PARTS = ("q", "k", "v")
 # Factor keys whose eigen-decompositions run in one batch when dense weights are made: batching amortises the
@@ -155,27 +156,19 @@ def _selected_parts(stored: StoredTasks, tasks, factor_keys, base: bool) -> dict
 
 
 def task_set_cores(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32,
-                   blocks: GramBlocks | None = None) -> dict[str, tuple]:
+                   blocks: GramBlocks | None = None, well_conditioned: float = WELL_CONDITIONED) -> dict[str, tuple]:
     """Per factor key of the wanted weights: the small core of its TSV-M (``lowrank.tsvm_cores_many``: the
-    |S|k x |S|k middle M in ``dtype``, or the balanced factors of an ill-conditioned key). The
-    eigen-decompositions run batched across keys; the Gram matrices come from ``blocks`` when given."""
-    return _cores(_selected_parts(stored, tasks, _factor_keys(stored, keys), base), dtype, blocks)
+    |S|k x |S|k middle M in ``dtype``, or the balanced factors of a key whose Gram spread is below
+    ``well_conditioned``). The eigen-decompositions run batched across keys; the Gram matrices come from
+    ``blocks`` when given."""
+    return _cores(_selected_parts(stored, tasks, _factor_keys(stored, keys), base), dtype, blocks, well_conditioned)
 
 
-def _cores(selected: dict[str, tuple[list[int], tuple]], dtype, blocks: GramBlocks | None) -> dict[str, tuple]:
+def _cores(selected: dict[str, tuple[list[int], tuple]], dtype, blocks: GramBlocks | None,
+           well_conditioned: float = WELL_CONDITIONED) -> dict[str, tuple]:
     grams = [blocks.grams(key, chosen) for key, (chosen, _) in selected.items()] if blocks is not None else None
-    return dict(zip(selected, tsvm_cores_many([parts for _, parts in selected.values()], dtype, grams)))
-
-
-def task_set_factors(stored: StoredTasks, tasks, keys=None, base: bool = False, dtype=np.float32,
-                     blocks: GramBlocks | None = None, cores: dict[str, tuple] | None = None) -> dict[str, tuple]:
-    """Per factor key of the wanted weights: (A, B) in ``dtype`` with A @ B = TSV-M of the key's tasks, made
-    from ``cores`` (``task_set_cores`` of the same tasks and keys) when given: then no eigen-decomposition runs,
-    only the products U_cat M."""
-    selected = _selected_parts(stored, tasks, _factor_keys(stored, keys), base)
-    if cores is None:
-        cores = _cores(selected, dtype, blocks)
-    return {key: factors_from_core(*parts, cores[key], dtype) for key, (_, parts) in selected.items()}
+    return dict(zip(selected, tsvm_cores_many([parts for _, parts in selected.values()], dtype, grams,
+                                              well_conditioned)))
 
 
 def mean_deltas(stored: StoredTasks, tasks, keys=None) -> dict[str, np.ndarray]:
@@ -228,46 +221,68 @@ def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False,
             for key, value in out.items()}
 
 
-def factor_input_names(key: str) -> tuple[str, str]:
-    """Graph input names of a linear weight's low-rank update (the low-rank encoder graph)."""
-    return f"{key}.A", f"{key}.B"
+TASKS_INPUT = "tasks"  # the low-rank graph's selected task indices (|S|,), int64, shared by every linear weight
+FACTOR_FIELDS = ("U", "V", "M")
 
 
-def stack_parts(factors: dict[str, tuple], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One weight's update as A (P, m/P, R), B (P, R, n): its q/k/v blocks stacked (P = 3), else P = 1."""
-    parts = [factors[f"{key}.{part}"] for part in QKV_PARTS] if f"{key}.q" in factors else [factors[key]]
-    return np.stack([A for A, _ in parts]), np.stack([B for _, B in parts])
+def factor_input_names(factor_key: str) -> tuple[str, str, str]:
+    """The low-rank graph's inputs for one factor key: the build's stacks U (T, m, k) and V (T, k, n) (fed once)
+    and the task set's core M (|S|, k, |S|, k) (fed per set)."""
+    return tuple(f"{factor_key}.{field}" for field in FACTOR_FIELDS)
+
+
+def low_rank_stacks(stored: StoredTasks, factor_keys) -> dict[str, np.ndarray]:
+    """The low-rank graph's per-build inputs: every task's U and V of each factor key, float32 (the stored arrays
+    themselves when they are float32 already: nothing is copied)."""
+    out = {}
+    for factor_key in factor_keys:
+        name_u, name_v, _ = factor_input_names(factor_key)
+        parts = stored.factors[factor_key]
+        out[name_u] = np.ascontiguousarray(parts["U"], dtype=np.float32)
+        out[name_v] = np.ascontiguousarray(parts["V"], dtype=np.float32)
+    return out
 
 
 def low_rank_inputs(stored: StoredTasks, tasks, keys, linear_keys, blocks: GramBlocks | None = None,
-                    cores: dict[str, tuple] | None = None) -> dict[str, np.ndarray]:
-    """The low-rank encoder's per-task-set inputs: ``K.A`` (P, m/P, R, alpha folded in) and ``K.B`` (P, R, n)
-    for every linear key K, and dense theta(S) for the other ``keys``. cores: the linear keys' TSV-M cores
-    (``task_set_cores(stored, tasks, linear_keys)``) when the caller kept them."""
-    linear_keys = list(linear_keys)
-    linear = set(linear_keys)
-    factors = task_set_factors(stored, tasks, linear_keys, blocks=blocks, cores=cores)
+                    cores: dict[str, tuple] | None = None) -> dict[str, np.ndarray] | None:
+    """The low-rank graph's per-task-set inputs: ``tasks`` (|S|,), the core ``K.M`` (|S|, k, |S|, k, alpha folded
+    in) of every factor key of the ``linear_keys`` and dense theta(S) for the other ``keys``; None when a key's
+    Gram matrices are ill-conditioned (``lowrank.WELL_CONDITIONED``: its float32 core would lose precision in the
+    graph, so the set runs dense). cores: ``task_set_cores(stored, tasks, linear_keys,
+    well_conditioned=LOW_RANK_GRAPH_SPREAD)`` when the caller kept them."""
+    tasks = tuple(tasks)
+    factor_keys = _factor_keys(stored, linear_keys)
+    if cores is None:
+        cores = _cores(_selected_parts(stored, tasks, factor_keys, False), np.float32, blocks, LOW_RANK_GRAPH_SPREAD)
+    if any(cores[key][0] != "middle" for key in factor_keys):
+        return None
+    linear = {weight_key(key)[0] for key in factor_keys}
     out = task_set_weights(stored, tasks, keys=[k for k in keys if k not in linear], blocks=blocks)
-    for key in linear_keys:
-        A, B = stack_parts(factors, key)
-        name_a, name_b = factor_input_names(key)
-        out[name_a] = A * np.float32(stored.alpha) if stored.alpha != 1 else A
-        out[name_b] = B
+    out[TASKS_INPUT] = np.asarray(tasks, dtype=np.int64)
+    for key in factor_keys:
+        middle = cores[key][1]
+        k = stored.factors[key]["s"].shape[1]
+        middle = middle * np.float32(stored.alpha) if stored.alpha != 1 else middle
+        out[factor_input_names(key)[2]] = np.ascontiguousarray(middle.reshape(len(tasks), k, len(tasks), k))
     return out
 
 
 def dense_from_low_rank(stored: StoredTasks, inputs: dict[str, np.ndarray], linear_keys) -> dict[str, np.ndarray]:
-    """theta(S) from the low-rank inputs: W = theta_pre + A_p @ B_p per row block (float32, straight into W);
-    the other keys are the same arrays."""
-    linear = set(linear_keys)
-    names = {name for key in linear for name in factor_input_names(key)}
+    """theta(S) from the low-rank inputs: W = theta_pre + U_cat M V_cat per (row block of a) linear weight
+    (float32, straight into W); the other keys are the same arrays."""
+    tasks = list(inputs[TASKS_INPUT])
+    factor_keys = _factor_keys(stored, linear_keys)
+    names = {TASKS_INPUT} | {factor_input_names(key)[2] for key in factor_keys}
     out = {key: value for key, value in inputs.items() if key not in names}
-    for key in linear:
-        name_a, name_b = factor_input_names(key)
-        A, B = inputs[name_a], inputs[name_b]
-        weight = np.array(stored.pretrained[key], dtype=np.float32, copy=True)
-        rows = A.shape[1]
-        for part in range(A.shape[0]):
-            weight[part * rows:(part + 1) * rows] += A[part] @ B[part]
-        out[key] = weight
+    for factor_key in factor_keys:
+        parts = stored.factors[factor_key]
+        U_cat, _, V_cat = concatenated(parts["U"][tasks], parts["s"][tasks], parts["V"][tasks])
+        middle = inputs[factor_input_names(factor_key)[2]]
+        rank = middle.shape[0] * middle.shape[1]
+        key, block = weight_key(factor_key)
+        if key not in out:
+            out[key] = np.array(stored.pretrained[key], dtype=np.float32, copy=True)
+        rows = U_cat.shape[0]
+        target = out[key] if block is None else out[key][block * rows:(block + 1) * rows]
+        target += (U_cat @ middle.reshape(rank, rank)) @ V_cat
     return out

@@ -16,7 +16,8 @@ import torch
 
 from mass_export.core import options
 from mass_export.nn.heads import Heads
-from mass_export.nn.lowrank import LowRankEncoder, factor_names, linear_keys
+from mass_export.core.taskweights import TASKS_INPUT, factor_input_names, weight_key
+from mass_export.nn.lowrank import LowRankEncoder, factor_keys_of, linear_keys
 from mass_export.nn.routing import Router
 from mass_export.nn.tower import FullTower, RoutePrefix, prefix_keys, run_with
 
@@ -83,26 +84,36 @@ def export_tower(visual: torch.nn.Module, weights: dict[str, torch.Tensor], path
     return {"inputs": ["pixel_values", *keys], "outputs": [output]}
 
 
-def export_lowrank(visual: torch.nn.Module, weights: dict[str, torch.Tensor], split_qkv: bool, path: Path,
-                   opset: int = OPSET) -> dict:
-    """The low-rank encoder: theta_pre plus a task set's update factors per linear key, rank a dynamic dimension."""
+def export_lowrank(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ranks: dict[str, int], split_qkv: bool,
+                   path: Path, opset: int = OPSET) -> dict:
+    """The low-rank encoder: theta_pre plus a task set's update, gathered from per-task factor stacks by the
+    ``tasks`` input; the number of tasks (stacks) and of selected tasks are dynamic dimensions. ranks: k per
+    factor key (the build's truncation ranks)."""
     linear = linear_keys(visual)
-    example_rank = 3  # any size > 1: the exporter specialises 0 and 1
+    factor_keys = [fk for key in linear for fk in factor_keys_of(key, split_qkv)]
+    # Example sizes > 1 (the exporter specialises 0 and 1); the graph takes any number of tasks and of selected.
+    stacks, selected = 3, 2
     factors = {}
-    for key in linear:
-        parts = 3 if split_qkv and key.endswith("in_proj_weight") else 1
+    for factor_key in factor_keys:
+        key, block = weight_key(factor_key)
         m, n = weights[key].shape
-        factors[key] = (torch.zeros(parts, m // parts, example_rank), torch.zeros(parts, example_rank, n))
+        rows, k = (m // 3 if block is not None else m), ranks[factor_key]
+        factors[factor_key] = (torch.zeros(stacks, rows, k), torch.zeros(stacks, k, n),
+                               torch.zeros(selected, k, selected, k))
     size = visual.image_size if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
     batch = torch.export.Dim("batch", min=1, max=65536)
-    rank = torch.export.Dim("rank", min=1, max=65536)
+    num_tasks = torch.export.Dim("num_tasks", min=1, max=4096)
+    set_size = torch.export.Dim("set_size", min=1, max=4096)
     keys = list(weights)
-    _export(LowRankEncoder(visual).eval(), (torch.zeros(2, 3, *size),), {"weights": dict(weights), "factors": factors},
+    _export(LowRankEncoder(visual, split_qkv).eval(), (torch.zeros(2, 3, *size),),
+            {"weights": dict(weights), "tasks": torch.tensor([0, stacks - 1]), "factors": factors},
             path, ["image_features"], {"pixel_values": {0: batch}, "weights": {key: None for key in keys},
-                                       "factors": {key: ({2: rank}, {1: rank}) for key in linear}}, opset)
-    names = ["pixel_values", *keys, *[name for key in linear for name in factor_names(key)]]
+                                       "tasks": {0: set_size},
+                                       "factors": {fk: ({0: num_tasks}, {0: num_tasks}, {0: set_size, 2: set_size})
+                                                   for fk in factor_keys}}, opset)
+    names = ["pixel_values", *keys, TASKS_INPUT, *[name for fk in factor_keys for name in factor_input_names(fk)]]
     _name_inputs_in_order(path, names)
-    return {"inputs": names, "outputs": ["image_features"], "linear_keys": linear}
+    return {"inputs": names, "outputs": ["image_features"], "linear_keys": linear, "factor_keys": factor_keys}
 
 
 def export_router(basis: torch.Tensor, tau: float, path: Path, opset: int = OPSET) -> dict:
@@ -125,7 +136,7 @@ GRAPH_NAMES = ("prefix", "router", "encoder", "heads", "lowrank")
 
 
 def export_all(visual, pretrained: dict, basis: torch.Tensor, heads: torch.Tensor, method, out_dir: Path,
-               opset: int = OPSET, progress=None) -> dict:
+               opset: int = OPSET, progress=None, ranks: dict[str, int] | None = None) -> dict:
     """Write graphs/{prefix,router,encoder,heads,lowrank}.onnx under out_dir; returns manifest["graphs"]."""
     graphs_dir = Path(out_dir) / "graphs"
     graphs_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +145,7 @@ def export_all(visual, pretrained: dict, basis: torch.Tensor, heads: torch.Tenso
         "router": lambda p: export_router(basis, method.tau, p, opset),
         "encoder": lambda p: export_tower(visual, pretrained, p, layer=None, opset=opset),
         "heads": lambda p: export_heads(heads, p, opset),
-        "lowrank": lambda p: export_lowrank(visual, pretrained, method.split_qkv, p, opset),
+        "lowrank": lambda p: export_lowrank(visual, pretrained, ranks, method.split_qkv, p, opset),
     }
     assert tuple(jobs) == GRAPH_NAMES
     records = {}

@@ -23,7 +23,8 @@ from mass_export.core.lowrank import pick_heads, select_task_sets
 from mass_export.core.manifest import head_slices, read_manifest
 from mass_export.core.memory import return_freed_memory
 from mass_export.core.routing import first_pass_weights, router_basis_key
-from mass_export.core.taskweights import StoredTasks, low_rank_inputs, task_set_weights
+from mass_export.core.taskweights import (TASKS_INPUT, StoredTasks, factor_input_names, low_rank_inputs,
+                                         low_rank_stacks, task_set_weights)
 from mass_export.runtime.images import sample_photos
 
 # One batch per size, each of its own photos (1 + 3 = 4 images): every graph is compared at two batch sizes, and a
@@ -58,23 +59,27 @@ def _run(session, feeds: dict) -> list[np.ndarray]:
 
 
 class _LowRankCheck:
-    """The low-rank encoder graph fed as the runtime feeds it: theta_pre for the linear weights, the set's
-    factors (Gram form) and dense theta(S) for the other keys."""
+    """The low-rank encoder graph fed as the runtime feeds it: theta_pre for the linear weights and the build's
+    factor stacks (once), the set's task indices, cores and dense theta(S) for the other keys."""
 
     def __init__(self, manifest: dict, stored: StoredTasks, graphs: dict):
         self.session, self.stored = graphs["lowrank"], stored
         record = manifest["graphs"]["lowrank"]
         self.linear = record["linear_keys"]
-        self.keys = [k for k in record["inputs"] if k != "pixel_values" and not k.endswith((".A", ".B"))]
+        factor_inputs = {name for key in record["factor_keys"] for name in factor_input_names(key)}
+        self.keys = [k for k in record["inputs"] if k not in ("pixel_values", TASKS_INPUT) and k not in factor_inputs]
+        self.shared = {**low_rank_stacks(stored, record["factor_keys"]),
+                       **{k: stored.pretrained[k] for k in self.linear}}
         self.cache: dict = {}
 
-    def features(self, pixels: np.ndarray, task_set) -> np.ndarray:
+    def features(self, pixels: np.ndarray, task_set) -> np.ndarray | None:
+        """The graph's features, or None for a set the runtime runs dense (an ill-conditioned key)."""
         if task_set not in self.cache:
             self.cache.clear()  # sets come one after another (validate_build): one set's inputs held at a time
-            inputs = low_rank_inputs(self.stored, task_set, self.keys, self.linear)
-            inputs.update({k: self.stored.pretrained[k] for k in self.linear})
-            self.cache[task_set] = inputs
-        return _run(self.session, {"pixel_values": pixels, **self.cache[task_set]})[0]
+            self.cache[task_set] = low_rank_inputs(self.stored, task_set, self.keys, self.linear)
+        if self.cache[task_set] is None:
+            return None
+        return _run(self.session, {"pixel_values": pixels, **self.shared, **self.cache[task_set]})[0]
 
 
 GRAPHS_COMPARED = ("prefix", "router", "encoder", "heads", "end_to_end")
@@ -175,8 +180,8 @@ def compare_group(build: BuildUnderTest, reference, x: torch.Tensor, task_set, i
     diffs.note("encoder", max_abs_diff(features, ref_features.numpy()))
     ref_predictions = reference.classify(ref_features, task_set, ref_probs[indices])
     expected = [(prediction.task_index, prediction.class_index) for prediction in ref_predictions]
-    if build.lowrank:
-        low_features = build.lowrank.features(x[indices].numpy(), task_set)
+    low_features = build.lowrank.features(x[indices].numpy(), task_set) if build.lowrank else None
+    if low_features is not None:
         diffs.note("lowrank", max_abs_diff(low_features, ref_features.numpy()))
         low_logits = build.heads_logits(low_features)
         mismatched += [index for row, index in enumerate(indices)

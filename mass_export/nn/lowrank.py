@@ -1,12 +1,15 @@
 """The low-rank second pass: theta_pre's linear layers plus a task set's TSV-M update applied to the activations.
 
 For every linear weight W (attention in/out projections, MLP c_fc/c_proj) of the open_clip tower the task set's
-update is A @ B (Gram form, docs/build-format.md), so
-    x (W + A B)^T = x W^T + (x B^T) A^T
-costs R(m + n) per token instead of m n per call to densify. The fused attention ``in_proj_weight`` has one
-update per q/k/v block (``split_qkv``): A is stacked (P, m/P, R) and B (P, R, n) with P = 3 (P = 1 elsewhere);
-block p of the output gets (x B_p^T) A_p^T. The rank R is a dynamic dimension of the graph. Every other weight
-(biases, LayerNorms, embeddings, ``proj``) is a dense input, theta(S) as in the dense encoder.
+update is U_cat M V_cat (Gram form, docs/build-format.md), so
+    x (W + U_cat M V_cat)^T = x W^T + ((x V_cat^T) M^T) U_cat^T
+costs R(m + n) + R^2 per token (R = |S|k) instead of m n per call to densify. U_cat and V_cat are the stored
+per-task factors of the selected tasks, gathered inside the graph from the build's stacks (T, m, k) and (T, k, n)
+by the ``tasks`` input, so the only per-set inputs are the small cores M (|S|, k, |S|, k) and nothing of size m n
+or R(m + n) is made per task set. The fused attention ``in_proj_weight`` has one update per q/k/v block
+(``split_qkv``): block p of the output gets its own factors and core. The number of tasks is a dynamic dimension
+of the graph. Every other weight (biases, LayerNorms, embeddings, ``proj``) is a dense input, theta(S) as in the
+dense encoder.
 
 Shared by the torch reference's check and the ONNX export, as the other modules of this room.
 """
@@ -19,82 +22,97 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from mass_export.core.taskweights import FACTOR_FIELDS, weight_key
+
 LINEAR_WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                    B: torch.Tensor) -> torch.Tensor:
-    """x (W + blockrows(A_p B_p))^T + bias for x (..., n), W (m, n), A (P, m/P, R), B (P, R, n)."""
-    out = nn.functional.linear(x, weight, bias)
-    parts = A.shape[0]
-    update = [(x @ B[p].T) @ A[p].T for p in range(parts)]
-    return out + (update[0] if parts == 1 else torch.cat(update, dim=-1))
+def gathered_update(x: torch.Tensor, tasks: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+                    M: torch.Tensor) -> torch.Tensor:
+    """((x V_cat^T) M^T) U_cat^T for x (..., n), stacks U (T, m, k), V (T, k, n), core M (S, k, S, k)."""
+    U_sel, V_sel = U[tasks], V[tasks]  # (S, m, k), (S, k, n)
+    rank = V_sel.shape[0] * V_sel.shape[1]
+    U_cat = U_sel.permute(1, 0, 2).reshape(U_sel.shape[1], rank)
+    V_cat = V_sel.reshape(rank, V_sel.shape[2])
+    return ((x @ V_cat.T) @ M.reshape(rank, rank).T) @ U_cat.T
 
 
 class LowRankLinear(nn.Module):
-    """nn.Linear with a low-rank update; ``A``/``B`` are buffers so functional_call feeds them per call."""
+    """nn.Linear plus a task set's update in ``parts`` row blocks (3 for a split q/k/v projection); the factor
+    stacks, cores and task indices are buffers so functional_call feeds them per call."""
 
-    def __init__(self, linear: nn.Linear, parts: int = 1):
+    def __init__(self, linear_weight: torch.Tensor, bias: torch.Tensor | None, parts: int = 1):
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().clone())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        m, n = linear.weight.shape
-        self.register_buffer("A", torch.zeros(parts, m // parts, 1))
-        self.register_buffer("B", torch.zeros(parts, 1, n))
+        self.weight = nn.Parameter(linear_weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.parts = parts
+        m, n = self.weight.shape
+        self.register_buffer("tasks", torch.zeros(1, dtype=torch.int64))
+        for p in range(parts):
+            self.register_buffer(f"U{p}", torch.zeros(1, m // parts, 1))
+            self.register_buffer(f"V{p}", torch.zeros(1, 1, n))
+            self.register_buffer(f"M{p}", torch.zeros(1, 1, 1, 1))
 
     def forward(self, x):
-        return low_rank_linear(x, self.weight, self.bias, self.A, self.B)
+        out = nn.functional.linear(x, self.weight, self.bias)
+        update = [gathered_update(x, self.tasks, getattr(self, f"U{p}"), getattr(self, f"V{p}"), getattr(self, f"M{p}"))
+                  for p in range(self.parts)]
+        return out + (update[0] if self.parts == 1 else torch.cat(update, dim=-1))
 
 
 class LowRankAttention(nn.Module):
     """open_clip's batch-first self-attention (nn.MultiheadAttention, no mask) with low-rank q/k/v and output
-    updates; parameter names as nn.MultiheadAttention's so the tower's keys stay canonical."""
+    updates."""
 
-    def __init__(self, attention: nn.MultiheadAttention):
+    def __init__(self, attention: nn.MultiheadAttention, qkv_parts: int):
         super().__init__()
         if not attention.batch_first or attention.in_proj_weight is None:
             raise ValueError("the low-rank tower needs open_clip's batch-first fused-projection attention")
         self.num_heads = attention.num_heads
-        self.in_proj_weight = nn.Parameter(attention.in_proj_weight.detach().clone())
-        self.in_proj_bias = nn.Parameter(attention.in_proj_bias.detach().clone())
-        width = self.in_proj_weight.shape[1]
-        self.register_buffer("in_proj_weight_A", torch.zeros(3, width, 1))
-        self.register_buffer("in_proj_weight_B", torch.zeros(3, 1, width))
-        self.out_proj = LowRankLinear(attention.out_proj)
+        self.in_proj = LowRankLinear(attention.in_proj_weight, attention.in_proj_bias, qkv_parts)
+        self.out_proj = LowRankLinear(attention.out_proj.weight, attention.out_proj.bias)
 
     def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
         if attn_mask is not None:
             raise ValueError("the low-rank tower supports unmasked (vision) attention only")
         batch, tokens, width = query.shape
-        qkv = low_rank_linear(query, self.in_proj_weight, self.in_proj_bias, self.in_proj_weight_A,
-                              self.in_proj_weight_B)
+        qkv = self.in_proj(query)
         heads = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
         out = nn.functional.scaled_dot_product_attention(heads[0], heads[1], heads[2])
         out = out.transpose(1, 2).reshape(batch, tokens, width)
         return self.out_proj(out), None
 
 
-def low_rank_tower(visual: nn.Module) -> nn.Module:
+def low_rank_tower(visual: nn.Module, split_qkv: bool = True) -> nn.Module:
     """A copy of the open_clip visual tower whose linear layers take low-rank updates."""
     tower = copy.deepcopy(visual)
     for block in tower.transformer.resblocks:
-        block.attn = LowRankAttention(block.attn)
-        block.mlp.c_fc = LowRankLinear(block.mlp.c_fc)
-        block.mlp.c_proj = LowRankLinear(block.mlp.c_proj)
+        block.attn = LowRankAttention(block.attn, 3 if split_qkv else 1)
+        block.mlp.c_fc = LowRankLinear(block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+        block.mlp.c_proj = LowRankLinear(block.mlp.c_proj.weight, block.mlp.c_proj.bias)
     return tower.eval()
 
 
-def factor_names(key: str) -> tuple[str, str]:
-    """Graph input names of a linear weight's update factors."""
-    return f"{key}.A", f"{key}.B"
+def factor_keys_of(key: str, split_qkv: bool) -> list[str]:
+    """The factor keys (stored per q/k/v block when split) of one linear weight, in part order."""
+    if split_qkv and key.endswith("attn.in_proj_weight"):
+        return [f"{key}.{part}" for part in "qkv"]
+    return [key]
 
 
-def _module_names(key: str) -> tuple[str, str]:
-    """Where functional_call finds a weight's factors inside ``low_rank_tower``."""
+def _module_name(key: str) -> str:
+    """Where ``low_rank_tower`` keeps a canonical linear weight's LowRankLinear."""
     if key.endswith("attn.in_proj_weight"):
-        return f"{key}_A", f"{key}_B"
-    module = key.rsplit(".", 1)[0]
-    return f"{module}.A", f"{module}.B"
+        return key[:-len("in_proj_weight")] + "in_proj"
+    return key.rsplit(".", 1)[0]
+
+
+def canonical_name(module_key: str) -> str:
+    """The canonical state-dict key of a ``low_rank_tower`` parameter (the fused projection moved into a module)."""
+    for field in ("weight", "bias"):
+        if module_key.endswith(f"attn.in_proj.{field}"):
+            return module_key[:-len(f"in_proj.{field}")] + f"in_proj_{field}"
+    return module_key
 
 
 def linear_keys(visual: nn.Module) -> list[str]:
@@ -103,16 +121,21 @@ def linear_keys(visual: nn.Module) -> list[str]:
 
 
 class LowRankEncoder(nn.Module):
-    """forward(pixel_values, weights, factors): weights = every canonical key (theta_pre for linear weights),
-    factors = {key: (A, B)} for every linear key."""
+    """forward(pixel_values, weights, tasks, factors): weights = every canonical key (theta_pre for linear
+    weights), tasks = the selected task indices (S,), factors = {factor key: (U stack, V stack, core M)}."""
 
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: nn.Module, split_qkv: bool = True):
         super().__init__()
-        self.tower = low_rank_tower(visual)
+        self.split_qkv = split_qkv
+        self.tower = low_rank_tower(visual, split_qkv)
+        self._renamed = {canonical_name(k): k for k in self.tower.state_dict() if canonical_name(k) != k}
 
-    def forward(self, pixel_values, weights: dict, factors: dict):
-        feeds = dict(weights)
-        for key, (A, B) in factors.items():
-            name_a, name_b = _module_names(key)
-            feeds[name_a], feeds[name_b] = A, B
+    def forward(self, pixel_values, weights: dict, tasks, factors: dict):
+        feeds = {self._renamed.get(key, key): value for key, value in weights.items()}
+        for key in dict.fromkeys(weight_key(factor_key)[0] for factor_key in factors):
+            module = _module_name(key)
+            feeds[f"{module}.tasks"] = tasks
+            for part, factor_key in enumerate(factor_keys_of(key, self.split_qkv)):
+                for field, value in zip(FACTOR_FIELDS, factors[factor_key]):
+                    feeds[f"{module}.{field}{part}"] = value
         return functional_call(self.tower, feeds, (pixel_values,), strict=False)

@@ -311,13 +311,14 @@ def write_build(loaded: Loaded, cfg: BuildConfig, stage: Path) -> dict:
     save_file({"heads": torch.cat(loaded.heads).contiguous()}, str(stage / "heads.safetensors"))
     (stage / "classes.json").write_text(json.dumps(loaded.classes, indent=1) + "\n")
     graphs = {}
+    ranks = {key: int(U.shape[-1]) for key, U in loaded.factors.U.items()}
     if cfg.export:
         from mass_export.export.graphs import GRAPH_NAMES, export_all
 
         with tqdm(total=len(GRAPH_NAMES), desc="exporting ONNX graphs", unit="graph", disable=not cfg.progress) as bar:
             graphs = export_all(pm.model.visual, loaded.visual_pre, loaded.factors.V[router_basis_key(method.routing_layer)],
-                                torch.cat(loaded.heads), method, stage, cfg.opset, progress=lambda _: bar.update())
-    ranks = {key: int(U.shape[-1]) for key, U in loaded.factors.U.items()}
+                                torch.cat(loaded.heads), method, stage, cfg.opset, progress=lambda _: bar.update(),
+                                ranks=ranks)
     manifest = {
         "model": {"name": pm.name, "pretrained": pm.pretrained, "quick_gelu": pm.quick_gelu, "config": pm.config,
                   **pm.preprocess, "layers": len(pm.model.visual.transformer.resblocks)},

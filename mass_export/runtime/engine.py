@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,12 @@ from threadpoolctl import ThreadpoolController
 
 from mass_export.core import options
 from mass_export.core.errors import BuildIntegrityError, ConfigError
-from mass_export.core.lowrank import group_by_task_set, pick_heads, select_task_sets
+from mass_export.core.lowrank import LOW_RANK_GRAPH_SPREAD, group_by_task_set, pick_heads, select_task_sets
 from mass_export.core.manifest import head_slices, read_manifest
 from mass_export.core.routing import first_pass_weights, router_basis_key
-from mass_export.core.taskweights import (GramBlocks, StoredTasks, dense_from_low_rank, low_rank_inputs,
-                                         task_set_cores, task_set_weights)
+from mass_export.core.taskweights import (TASKS_INPUT, GramBlocks, StoredTasks, dense_from_low_rank,
+                                         factor_input_names, low_rank_inputs, low_rank_stacks, task_set_cores,
+                                         task_set_weights)
 from mass_export.runtime.backends import Runner, check_providers, make_runner
 from mass_export.runtime.images import DEFAULT_MAX_PIXELS, as_image
 from mass_export.runtime.planner import SecondPassPlanner
@@ -132,9 +134,16 @@ class MassRuntime:
         self._encoder_keys = [k for k in runners["encoder"].input_names if k != "pixel_values"]
         unknown = sorted(set(prefix_keys + self._encoder_keys) - set(stored.pretrained))
         _check(not unknown, root, f"graph inputs with no stored weights: {', '.join(unknown[:5])}")
-        self._linear_keys = list((manifest["graphs"].get("lowrank") or {}).get("linear_keys", ()))
+        lowrank_record = manifest["graphs"].get("lowrank") or {}
+        if "lowrank" in runners and "factor_keys" not in lowrank_record:
+            # Builds made before 2026-12-06 fed per-set products U_cat M to their low-rank graph: run them dense.
+            warnings.warn(f"{root}: its low-rank graph is of an older form; the second pass runs dense (rebuild "
+                          "for the low-rank form)", RuntimeWarning, stacklevel=3)
+            del runners["lowrank"]
+        self._linear_keys = list(lowrank_record.get("linear_keys", ())) if "lowrank" in runners else []
+        self._factor_keys = list(lowrank_record.get("factor_keys", ())) if "lowrank" in runners else []
         if "lowrank" in runners:
-            expected = {name for key in self._linear_keys for name in (f"{key}.A", f"{key}.B")}
+            expected = {TASKS_INPUT, *(name for key in self._factor_keys for name in factor_input_names(key))}
             _check(expected <= set(runners["lowrank"].input_names), root, "graphs/lowrank.onnx lacks factor inputs")
 
         # numpy's BLAS threads while a task set is prepared. One by default: a multi-threaded BLAS spinning beside
@@ -164,8 +173,9 @@ class MassRuntime:
         basis = basis.astype(np.float32)  # fp16 builds store it half
         self._router_inputs = runners["router"].upload({"router_basis": basis})
         self._heads_inputs = runners["heads"].upload({"heads": heads})
-        if "lowrank" in runners:  # theta_pre for the linear weights, uploaded once
-            self._lowrank_base = runners["lowrank"].upload({k: stored.pretrained[k] for k in self._linear_keys})
+        if "lowrank" in runners:  # theta_pre for the linear weights and every task's factors, uploaded once
+            self._lowrank_base = runners["lowrank"].upload({**{k: stored.pretrained[k] for k in self._linear_keys},
+                                                            **low_rank_stacks(stored, self._factor_keys)})
         # One cache for both kinds of prepared state, keyed ("dense", S) / ("factors", S).
         self.cache = TaskSetCache(self._prepare_entry, cache_bytes - self.gram_blocks.capacity_bytes - cores_bytes,
                                   cache_size)
@@ -243,24 +253,28 @@ class MassRuntime:
 
     # --- task-set preparation ---------------------------------------------------------------------------------
 
-    def prepare_factors(self, task_set: tuple[int, ...], reuse_cores: bool = True) -> dict:
-        """The low-rank graph's per-set inputs (host arrays): update factors of the linear weights (from the
-        set's TSV-M cores, kept in ``cores`` when ``reuse_cores``), dense theta(S) for the other keys. A public
-        hook: subclass to observe or pace preparation."""
+    def prepare_factors(self, task_set: tuple[int, ...], reuse_cores: bool = True) -> dict | None:
+        """The low-rank graph's per-set inputs (host arrays): the task indices, the set's TSV-M cores (kept in
+        ``cores`` when ``reuse_cores``) and dense theta(S) for the other keys; None when the set must run dense
+        (an ill-conditioned key, see ``taskweights.low_rank_inputs``). A public hook: subclass to observe or pace
+        preparation."""
         cores = self.cores.get(task_set) if reuse_cores and self.cores.capacity_bytes else None
         return low_rank_inputs(self.stored, task_set, self._encoder_keys, self._linear_keys, self.gram_blocks, cores)
 
     def _prepare_cores(self, task_set: tuple[int, ...]) -> dict:
         with self.preparation_threads():
-            return task_set_cores(self.stored, task_set, self._linear_keys, blocks=self.gram_blocks)
+            return task_set_cores(self.stored, task_set, self._linear_keys, blocks=self.gram_blocks,
+                                  well_conditioned=LOW_RANK_GRAPH_SPREAD)
 
     def prepare_task_set(self, task_set: tuple[int, ...], reuse_factors: bool = True) -> dict:
-        """Dense theta(S) for the encoder graph (host arrays), from S's cached low-rank factors or cores when
+        """Dense theta(S) for the encoder graph (host arrays), from S's cached low-rank inputs or cores when
         there are some (``reuse_factors``). A public hook: subclass to observe or pace it."""
-        if not self._linear_keys:  # a build without the low-rank graph
+        ready = self.cache.lookup(("factors", task_set)) if reuse_factors and self._linear_keys else None
+        inputs = ready["host"] if ready else None
+        if inputs is None and self._linear_keys:
+            inputs = self.prepare_factors(task_set, reuse_cores=reuse_factors)
+        if inputs is None:  # no low-rank graph, or a set it cannot run
             return task_set_weights(self.stored, task_set, keys=self._encoder_keys, blocks=self.gram_blocks)
-        ready = self.cache.lookup(("factors", task_set)) if reuse_factors else None
-        inputs = ready["host"] if ready else self.prepare_factors(task_set, reuse_cores=reuse_factors)
         started = time.perf_counter()
         weights = dense_from_low_rank(self.stored, inputs, self._linear_keys)
         self.planner.observe_product(len(task_set), time.perf_counter() - started)
@@ -279,9 +293,9 @@ class MassRuntime:
 
     def _prepare_entry_now(self, key) -> dict:
         kind, task_set = key
-        if kind == "factors":
+        if kind == "factors":  # host None: the set runs dense (second_pass falls back)
             host = self.prepare_factors(task_set)
-            return {"host": host, "device": self.runners["lowrank"].upload(host)}
+            return {"host": host, "device": None if host is None else self.runners["lowrank"].upload(host)}
         host = self.prepare_task_set(task_set)
         self.cache.discard(("factors", task_set))  # superseded by the dense weights
         return {"host": host, "device": self.runners["encoder"].upload(host)}
@@ -366,6 +380,8 @@ class MassRuntime:
             raise ValueError(f"second pass form {form!r}: choose dense" + (" or lowrank" if "lowrank" in
                                                                           self.runners else " (no lowrank graph)"))
         entry = self.cache.get(("factors" if form == "lowrank" else "dense", task_set))  # not in the timing below
+        if entry["device"] is None:  # a set the low-rank graph cannot run exactly
+            form, entry = "dense", self.cache.get(("dense", task_set))
         started = time.perf_counter()
         features = self._run_second_pass(x, task_set, form, keep, entry)
         seconds = time.perf_counter() - started
