@@ -105,7 +105,8 @@ def render(reports: list[dict]) -> str:
     lines += per_task_table(first)
     lines += ["", f"Zoo fingerprint: recipe `{info.get('recipe_hash', '?')[:16]}`, weights "
               f"`{info.get('weights_hash', '?')[:16]}` (torch {info.get('versions', {}).get('torch', '?')}; built with "
-              f"{info.get('threads', '?')} torch thread in {info.get('cpu_time_s', float('nan')):.0f} CPU seconds, "
+              f"{info.get('threads', '?')} torch thread{'' if info.get('threads') == 1 else 's'} in "
+              f"{info.get('cpu_time_s', float('nan')):.0f} CPU seconds, "
               f"{info.get('wall_time_s', float('nan')):.0f} s wall where it was built)."]
     if len(reports) > 1:
         lines += ["", f"The same recipe with {len(reports)} seeds (a stand-in for machine-to-machine variation):", ""]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mass_export.core.taskweights import FACTOR_FIELDS, weight_key
+from mass_export.core.taskweights import FACTOR_FIELDS, QKV_PARTS, weight_key
 
 LINEAR_WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -55,7 +55,7 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x):
         out = nn.functional.linear(x, self.weight, self.bias)
-        update = [gathered_update(x, self.tasks, getattr(self, f"U{p}"), getattr(self, f"V{p}"), getattr(self, f"M{p}"))
+        update = [gathered_update(x, self.tasks, *(getattr(self, f"{field}{p}") for field in FACTOR_FIELDS))
                   for p in range(self.parts)]
         return out + (update[0] if self.parts == 1 else torch.cat(update, dim=-1))
 
@@ -96,7 +96,7 @@ def low_rank_tower(visual: nn.Module, split_qkv: bool = True) -> nn.Module:
 def factor_keys_of(key: str, split_qkv: bool) -> list[str]:
     """The factor keys (stored per q/k/v block when split) of one linear weight, in part order."""
     if split_qkv and key.endswith("attn.in_proj_weight"):
-        return [f"{key}.{part}" for part in "qkv"]
+        return [f"{key}.{part}" for part in QKV_PARTS]
     return [key]
 
 
