@@ -247,8 +247,8 @@ def low_rank_inputs(stored: StoredTasks, tasks, keys, linear_keys, blocks: GramB
                     cores: dict[str, tuple] | None = None) -> dict[str, np.ndarray] | None:
     """The low-rank graph's per-task-set inputs: ``tasks`` (|S|,), the core ``K.M`` (|S|, k, |S|, k, alpha folded
     in) of every factor key of the ``linear_keys`` and dense theta(S) for the other ``keys``; None when a key's
-    Gram matrices are ill-conditioned (``lowrank.WELL_CONDITIONED``: its float32 core would lose precision in the
-    graph, so the set runs dense). cores: ``task_set_cores(stored, tasks, linear_keys,
+    Gram spread is below ``lowrank.LOW_RANK_GRAPH_SPREAD`` (its float32 core would lose precision in the graph,
+    so the set runs dense). cores: ``task_set_cores(stored, tasks, linear_keys,
     well_conditioned=LOW_RANK_GRAPH_SPREAD)`` when the caller kept them."""
     tasks = tuple(tasks)
     factor_keys = _factor_keys(stored, linear_keys)
