@@ -225,3 +225,26 @@ def test_a_miss_does_not_block_a_concurrent_hit(tiny_build, pixels):
     info = runtime.cache.info()
     assert info["waits"] == 1 and info["preparations"] == 2 and info["hits"] >= 1  # (0,) and the slow set, once
     np.testing.assert_array_equal(results["miss"], results["same set"])
+
+
+def test_an_older_low_rank_graph_runs_dense_with_a_warning(tiny_build, pixels, tmp_path):
+    """A build whose low-rank graph predates the gathered form (no ``factor_keys``) loads, says so and runs the
+    dense encoder: the same predictions, nothing refused."""
+    import json
+    import shutil
+
+    from mass_export.core.manifest import DIGEST, manifest_digest
+
+    old = tmp_path / "old_build"
+    shutil.copytree(tiny_build, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["graphs"]["lowrank"]["factor_keys"]
+    manifest[DIGEST] = manifest_digest(manifest)
+    (old / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    with pytest.warns(RuntimeWarning, match="older form"):
+        runtime = MassRuntime.load(old, threads=1)
+    assert not runtime.has_lowrank
+    expected = MassRuntime.load(tiny_build, threads=1, second_pass="dense").predict(pixels)
+    got = runtime.predict(pixels)
+    assert [(p.task_index, p.class_index) for p in got] == [(p.task_index, p.class_index) for p in expected]
+    assert runtime.stats()["second_pass"]["choices"]["lowrank"] == 0

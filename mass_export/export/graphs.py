@@ -136,7 +136,7 @@ GRAPH_NAMES = ("prefix", "router", "encoder", "heads", "lowrank")
 
 
 def export_all(visual, pretrained: dict, basis: torch.Tensor, heads: torch.Tensor, method, out_dir: Path,
-               opset: int = OPSET, progress=None, ranks: dict[str, int] | None = None) -> dict:
+               opset: int = OPSET, progress=None, *, ranks: dict[str, int]) -> dict:
     """Write graphs/{prefix,router,encoder,heads,lowrank}.onnx under out_dir; returns manifest["graphs"]."""
     graphs_dir = Path(out_dir) / "graphs"
     graphs_dir.mkdir(parents=True, exist_ok=True)

@@ -126,16 +126,15 @@ class LowRankEncoder(nn.Module):
 
     def __init__(self, visual: nn.Module, split_qkv: bool = True):
         super().__init__()
-        self.split_qkv = split_qkv
         self.tower = low_rank_tower(visual, split_qkv)
         self._renamed = {canonical_name(k): k for k in self.tower.state_dict() if canonical_name(k) != k}
 
     def forward(self, pixel_values, weights: dict, tasks, factors: dict):
         feeds = {self._renamed.get(key, key): value for key, value in weights.items()}
-        for key in dict.fromkeys(weight_key(factor_key)[0] for factor_key in factors):
+        for factor_key, values in factors.items():
+            key, block = weight_key(factor_key)  # block: the q/k/v part of a split projection, else None
             module = _module_name(key)
             feeds[f"{module}.tasks"] = tasks
-            for part, factor_key in enumerate(factor_keys_of(key, self.split_qkv)):
-                for field, value in zip(FACTOR_FIELDS, factors[factor_key]):
-                    feeds[f"{module}.{field}{part}"] = value
+            for field, value in zip(FACTOR_FIELDS, values):
+                feeds[f"{module}.{field}{block or 0}"] = value
         return functional_call(self.tower, feeds, (pixel_values,), strict=False)
