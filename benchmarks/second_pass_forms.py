@@ -64,12 +64,18 @@ def export_in_graph(visual, weights, rank, path):
     return {**{k + ".A": v.numpy() + 0.01 for k, v in a.items()}, **{k + ".B": v.numpy() for k, v in b.items()}}
 
 
-def session(path, threads):
+def session(path, threads, constants=None):
+    """constants: the graph's weights supplied at load (the prefix's), as the runtime supplies them."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in (constants or {}).values()]
+    if values:
+        options.add_external_initializers(list(constants), values)
+    made = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    made.constants = values  # the buffers must outlive the session
+    return made
 
 
 def main():
@@ -92,9 +98,10 @@ def main():
         tmp = Path(tmp)
         export_plain(visual, tmp / "plain.onnx")
         export_tower(visual, weights, tmp / "inputs.onnx", layer=None)
-        export_tower(visual, weights, tmp / "prefix.onnx", layer=args.routing_layer)
+        prefix_constants = export_tower(visual, weights, tmp / "prefix.onnx", layer=args.routing_layer)["constants"]
         factor_feeds = export_in_graph(visual, weights, rank, tmp / "in_graph.onnx")
-        sessions = {name: session(tmp / f"{name}.onnx", args.threads) for name in ("plain", "inputs", "in_graph", "prefix")}
+        sessions = {name: session(tmp / f"{name}.onnx", args.threads) for name in ("plain", "inputs", "in_graph")}
+        sessions["prefix"] = session(tmp / "prefix.onnx", args.threads, {k: feeds_w[k] for k in prefix_constants})
         results = []
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)

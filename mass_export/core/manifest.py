@@ -152,7 +152,7 @@ def check_paths(root: Path, manifest: dict) -> None:
 
 def verify_files(root: Path, manifest: dict) -> None:
     """Refuse a build whose files differ from the hashes recorded at build time, naming every bad file."""
-    from mass_export.core.onnxfiles import external_data_locations
+    from mass_export.core.onnxfiles import SUPPLIED_AT_LOAD, external_data_locations
 
     problems = []
     listed = manifest["files"]
@@ -167,7 +167,7 @@ def verify_files(root: Path, manifest: dict) -> None:
         elif sha256_file(path) != record["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (modified after build)")
         elif name.endswith(".onnx"):
-            for location in external_data_locations(path):
+            for location in set(external_data_locations(path)) - {SUPPLIED_AT_LOAD}:
                 target = PurePosixPath(name).parent / location
                 inside = (location and not PurePosixPath(location).is_absolute() and ".." not in target.parts
                           and (root / target).resolve().is_relative_to(root.resolve()))

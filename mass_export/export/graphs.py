@@ -1,4 +1,5 @@
-"""Export the graphs of docs/build-format.md with torch.onnx (dynamo exporter), weights as inputs.
+"""Export the graphs of docs/build-format.md with torch.onnx (dynamo exporter), weights as inputs (the first
+pass's then made constants the runtime supplies at load).
 
 Why the dynamo exporter: its graphs are ~3.5x smaller than the legacy exporter's and it needs no
 attention fast-path switch; passing the weights as a dict keyword keeps them real graph inputs.
@@ -11,11 +12,13 @@ import io
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
 from mass_export.core import options
 from mass_export.nn.heads import Heads
+from mass_export.core.onnxfiles import SUPPLIED_AT_LOAD
 from mass_export.core.taskweights import TASKS_INPUT, factor_input_names, weight_key
 from mass_export.nn.lowrank import LowRankEncoder, factor_keys_of, linear_keys
 from mass_export.nn.routing import Router
@@ -58,6 +61,31 @@ def _name_inputs_in_order(path: Path, names: list[str]) -> None:
     _rename_inputs(path, {a: b for a, b in zip(old, names) if a != b})
 
 
+def _supply_at_load(path: Path, names: list[str]) -> None:
+    """Turn these weight inputs into constants the runtime supplies when it opens the graph (external
+    initializers at ``SUPPLIED_AT_LOAD``): for weights fixed for a runtime's life, such as theta_MT."""
+    model = onnx.load(str(path))
+    inputs = {value.name: value for value in model.graph.input}
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise RuntimeError(f"{path.name}: no inputs {missing[:3]} to turn into constants")
+    for name in names:
+        tensor_type = inputs[name].type.tensor_type
+        shape = [dim.dim_value for dim in tensor_type.shape.dim]
+        if not all(shape) or any(dim.dim_param for dim in tensor_type.shape.dim):
+            raise RuntimeError(f"{path.name}: input {name!r} has no static shape; it cannot be a constant")
+        nbytes = int(np.prod(shape)) * onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
+        entries = [onnx.StringStringEntryProto(key=key, value=str(value))
+                   for key, value in (("location", SUPPLIED_AT_LOAD), ("offset", 0), ("length", nbytes))]
+        tensor = onnx.TensorProto(name=name, data_type=tensor_type.elem_type, dims=shape,
+                                  data_location=onnx.TensorProto.EXTERNAL, external_data=entries)
+        model.graph.initializer.append(tensor)
+    kept = [value for value in model.graph.input if value.name not in set(names)]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    onnx.save(model, str(path))
+
+
 def _export(module, args, kwargs, path: Path, output_names, dynamic_shapes, opset: int) -> None:
     # The exporter prints progress on stdout, which belongs to the CLI's --json output.
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
@@ -81,7 +109,11 @@ def export_tower(visual: torch.nn.Module, weights: dict[str, torch.Tensor], path
     _export(_WithWeights(module).eval(), (images,), {"weights": feeds}, path, [output],
             {"pixel_values": {0: batch}, "weights": {key: None for key in keys}}, opset)
     _rename_inputs(path, {"weights_" + key.replace(".", "_"): key for key in keys})
-    return {"inputs": ["pixel_values", *keys], "outputs": [output]}
+    if layer is None:  # the second pass: a task set's weights, fed per call
+        return {"inputs": ["pixel_values", *keys], "outputs": [output]}
+    # The first pass's weights (theta_MT, or theta_pre) are fixed for a runtime's life: constants.
+    _supply_at_load(path, keys)
+    return {"inputs": ["pixel_values"], "constants": keys, "outputs": [output]}
 
 
 def export_lowrank(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ranks: dict[str, int], split_qkv: bool,

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from safetensors.numpy import load_file
 from tqdm.auto import tqdm
@@ -25,6 +24,7 @@ from mass_export.core.memory import return_freed_memory
 from mass_export.core.routing import first_pass_weights, router_basis_key
 from mass_export.core.taskweights import (TASKS_INPUT, StoredTasks, factor_input_names, low_rank_inputs,
                                          low_rank_stacks, task_set_weights)
+from mass_export.runtime.backends import OrtRunner
 from mass_export.runtime.images import sample_photos
 
 # One batch per size, each of its own photos (1 + 3 = 4 images): every graph is compared at two batch sizes, and a
@@ -47,15 +47,14 @@ def pixel_batch(images, preprocess: dict) -> torch.Tensor:
     return torch.stack([transform(image) for image in loaded])
 
 
-def _session(root: Path, record: dict) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(root / record["file"]), options, providers=["CPUExecutionProvider"])
+def _session(root: Path, record: dict, constants: dict) -> OrtRunner:
+    """The runtime's runner of one graph on CPU, its constants (if any) taken from ``constants``."""
+    return OrtRunner(root / record["file"], ("cpu",), check=False,
+                     constants={name: constants[name] for name in record.get("constants", ())})
 
 
-def _run(session, feeds: dict) -> list[np.ndarray]:
-    wanted = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+def _run(runner: OrtRunner, feeds: dict) -> list[np.ndarray]:
+    return list(runner.run({k: v for k, v in feeds.items() if k in runner.input_names}).values())
 
 
 class _LowRankCheck:
@@ -92,7 +91,7 @@ class BuildUnderTest:
     manifest: dict
     stored: StoredTasks
     heads: np.ndarray
-    graphs: dict  # name -> ort.InferenceSession
+    graphs: dict  # name -> OrtRunner
     theta_mt: dict
     basis: np.ndarray
     slices: list[slice]
@@ -132,12 +131,13 @@ def open_build(root: Path, progress: bool, stored: tuple[StoredTasks, np.ndarray
     setup = tqdm(total=3, desc="validation: loading the build", unit="step", disable=not progress)
     stored, heads = stored if stored is not None else load_stored(root, manifest)
     setup.update()
-    setup.set_description("validation: ONNX Runtime sessions")
-    graphs = {name: _session(root, record) for name, record in manifest["graphs"].items()}
-    setup.update()
     setup.set_description("validation: theta_MT (Gram form)")
+    prefix = manifest["graphs"]["prefix"]
     theta_mt = first_pass_weights(manifest["method"]["router_on"], stored.pretrained, lambda: task_set_weights(
-        stored, range(stored.num_tasks), keys=manifest["graphs"]["prefix"]["inputs"], base=True))
+        stored, range(stored.num_tasks), keys=prefix.get("constants", prefix["inputs"]), base=True))
+    setup.update()
+    setup.set_description("validation: ONNX Runtime sessions")
+    graphs = {name: _session(root, record, theta_mt) for name, record in manifest["graphs"].items()}
     setup.update()
     setup.close()
     basis = stored.factors[router_basis_key(manifest["method"]["routing_layer"])]["V"].astype(np.float32)

@@ -80,7 +80,7 @@ class OrtRunner:
     """An ONNX Runtime session. On CUDA/TensorRT providers inputs and outputs go through IO binding."""
 
     def __init__(self, path: Path | str | bytes, providers=("cpu",), threads: int | None = None,
-                 strict_providers: bool = False, check: bool = True):
+                 strict_providers: bool = False, check: bool = True, constants: dict | None = None):
         import onnxruntime as ort
 
         self._ort = ort
@@ -91,6 +91,12 @@ class OrtRunner:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        # The graph's constants (SUPPLIED_AT_LOAD): ONNX Runtime reads them from these buffers when the session is
+        # made (and copies them to the device there), so they must live as long as the session.
+        self._constants = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                           for name, value in (constants or {}).items()}
+        if self._constants:
+            options.add_external_initializers(list(self._constants), list(self._constants.values()))
         model = path if isinstance(path, bytes) else str(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ORT's own "not in available providers" warning: ours is clearer
@@ -147,7 +153,7 @@ def tensorrt_available() -> bool:
 
 
 # Backends by name: a new backend is one runner class (``Runner``'s interface, constructed as
-# ``cls(path, providers, threads, strict_providers, check)``) and one ``register_backend`` line.
+# ``cls(path, providers, threads, strict_providers, check, constants)``) and one ``register_backend`` line.
 BACKENDS: dict[str, type] = {}
 
 
@@ -160,7 +166,7 @@ def register_backend(runner: type, *names: str) -> type:
 class TensorrtEngineRunner:
     """Native TensorRT engines: not implemented; says what to use instead."""
 
-    def __init__(self, path, providers=("cpu",), threads=None, strict_providers=False, check=True):
+    def __init__(self, path, providers=("cpu",), threads=None, strict_providers=False, check=True, constants=None):
         if not tensorrt_available():
             raise ProviderError("backend 'tensorrt' needs the tensorrt Python package, which is not installed; "
                                 "use ONNX Runtime with providers=('tensorrt',) or ('cuda',)")
@@ -173,9 +179,10 @@ register_backend(TensorrtEngineRunner, "tensorrt")
 
 
 def make_runner(path: Path, backend: str = "onnxruntime", providers=("cpu",), threads: int | None = None,
-                strict_providers: bool = False, check: bool = True) -> Runner:
-    """A runner of the registered ``backend`` for one graph."""
+                strict_providers: bool = False, check: bool = True, constants: dict | None = None) -> Runner:
+    """A runner of the registered ``backend`` for one graph; ``constants``: the arrays of the graph's constants
+    supplied at load (``core.onnxfiles.SUPPLIED_AT_LOAD``), by name."""
     runner = BACKENDS.get(backend)
     if runner is None:
         raise ConfigError(f"unknown backend {backend!r}: choose {' or '.join(sorted(BACKENDS))}")
-    return runner(path, providers, threads, strict_providers, check)
+    return runner(path, providers, threads, strict_providers, check, constants)

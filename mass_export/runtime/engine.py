@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import time
@@ -130,7 +131,9 @@ class MassRuntime:
                f"manifest lists {self.num_tasks}")
         _check(all(len(classes.get(t, ())) == s.stop - s.start for t, s in zip(self.tasks, self._slices)),
                root, "classes.json does not match manifest['heads']")
-        prefix_keys = [k for k in runners["prefix"].input_names if k != "pixel_values"]
+        prefix_record = manifest["graphs"]["prefix"]
+        prefix_keys = list(prefix_record.get("constants") or
+                           [k for k in runners["prefix"].input_names if k != "pixel_values"])
         self._encoder_keys = [k for k in runners["encoder"].input_names if k != "pixel_values"]
         unknown = sorted(set(prefix_keys + self._encoder_keys) - set(stored.pretrained))
         _check(not unknown, root, f"graph inputs with no stored weights: {', '.join(unknown[:5])}")
@@ -168,7 +171,11 @@ class MassRuntime:
         if self.gram_blocks.capacity_bytes == GramBlocks.full_bytes(stored):
             with self.preparation_threads():  # the keys theta_MT did not need (ViT-B-16: 3 s of its ~35 s)
                 self.gram_blocks.fill(range(self.num_tasks))
-        self._prefix_inputs = runners["prefix"].upload(theta_mt)
+        if isinstance(runners["prefix"], functools.partial):  # its weights are constants: made now, once
+            runners["prefix"] = runners["prefix"](constants=theta_mt)
+            self._prefix_inputs = {}
+        else:  # builds before 2026-12-07 take them as inputs, fed on every call
+            self._prefix_inputs = runners["prefix"].upload(theta_mt)
         basis = stored.factors[router_basis_key(self.routing_layer)]["V"]
         basis = basis.astype(np.float32)  # fp16 builds store it half
         self._router_inputs = runners["router"].upload({"router_basis": basis})
@@ -212,10 +219,16 @@ class MassRuntime:
         heads = load_finite(root, "heads.safetensors")["heads"]
         classes = json.loads((root / "classes.json").read_text())
         names = [*GRAPHS, *(name for name in OPTIONAL_GRAPHS if name in graphs and second_pass != "dense")]
-        runners = {name: make_runner(root / graphs[name]["file"], backend, providers, threads, check=False)
-                   for name in names}
-        # One check for all graphs: a provider counts as active only if every graph runs on it.
-        active = [p for p in runners["encoder"].providers if all(p in r.providers for r in runners.values())]
+        runners = {}
+        for name in names:
+            runner = functools.partial(make_runner, root / graphs[name]["file"], backend, providers, threads,
+                                       check=False)
+            # A graph with constants supplied at load is made once they are (the prefix: theta_MT, in __init__).
+            runners[name] = runner if graphs[name].get("constants") else runner()
+        # One check for all graphs: a provider counts as active only if every graph runs on it (those made later
+        # ask for the same providers).
+        made = [r for r in runners.values() if not isinstance(r, functools.partial)]
+        active = [p for p in runners["encoder"].providers if all(p in r.providers for r in made)]
         check_providers(runners["encoder"].requested, active, strict_providers, str(root))
         return cls(root, manifest, stored, heads, classes, runners, cache_size, loader_threads, cache_bytes,
                    second_pass, calibrate, prepare_threads)
