@@ -10,6 +10,8 @@ with G_U = U_cat^T U_cat and G_V = V_cat V_cat^T only |S|k x |S|k: no m x n SVD 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from mass_export.core import options
@@ -43,6 +45,16 @@ def inverse_sqrt_psd(gram: np.ndarray, rcond: float = GRAM_RCOND, with_spread: b
         return result
     smallest = np.where(keep, eigenvalues, np.inf).min(axis=-1)
     return result, np.where(largest[..., 0] > 0, smallest / np.where(largest[..., 0] > 0, largest[..., 0], 1), 1.0)
+
+
+def _inverse_sqrt_both_sides(grams_u: np.ndarray, grams_v: np.ndarray):
+    """``inverse_sqrt_psd`` (with spreads) of the U and the V Gram stacks, side by side in two threads: LAPACK
+    releases the GIL, and the eigen-decompositions are most of preparing a task set (ViT-B-16, 3 tasks: 0.96 s of
+    ~1.4 s on one core). Each side runs on whatever BLAS threads the caller allows (the runtime: one each)."""
+    with ThreadPoolExecutor(1) as pool:
+        side_u = pool.submit(inverse_sqrt_psd, grams_u, with_spread=True)
+        side_v = inverse_sqrt_psd(grams_v, with_spread=True)
+        return side_u.result(), side_v
 
 
 def concatenated(U: np.ndarray, s: np.ndarray, V: np.ndarray, dtype=np.float32):
@@ -94,8 +106,7 @@ def tsvm_cores_many(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dtyp
             grams_u = np.stack([grams[i][0] for i in indices])
             grams_v = np.stack([grams[i][1] for i in indices])
         # No shortcut for a single task: the polar step the reference applies must be applied here too.
-        roots_u, spread_u = inverse_sqrt_psd(grams_u, with_spread=True)
-        roots_v, spread_v = inverse_sqrt_psd(grams_v, with_spread=True)
+        (roots_u, spread_u), (roots_v, spread_v) = _inverse_sqrt_both_sides(grams_u, grams_v)
         for position, i in enumerate(indices):
             s_cat = parts[i][1].reshape(-1).astype(np.float64)
             if dtype == np.float64 or min(spread_u[position], spread_v[position]) >= well_conditioned:
