@@ -64,6 +64,25 @@ def test_lowrank_graph_equals_dense_path_and_torch_reference(tiny_build, images,
     assert lowrank.stats()["cache"]["dense_sets"] == 1
 
 
+def test_densify_graph_makes_the_numpy_dense_weights(tiny_build, pixels):
+    """A set's dense weights made by the densify graph (what a GPU runs on the device) equal the numpy form's,
+    and the encoder fed with them gives the same logits."""
+    auto = MassRuntime.load(tiny_build, threads=1)
+    host = MassRuntime.load(tiny_build, threads=1, second_pass="dense")
+    assert "densify" in auto.runners and "densify" not in host.runners
+    worst = {"weights": 0.0, "logits": 0.0}
+    for task_set in ((0,), (1, 2), (0, 2, 3)):
+        made = auto.prepare_task_set(task_set)
+        expected = task_set_weights(auto.stored, task_set, keys=auto.encoder_keys)
+        assert sorted(made) == sorted(expected)
+        assert all(np.isfinite(made[key]).all() for key in made)
+        worst["weights"] = max(worst["weights"], max(float(np.abs(made[k] - expected[k]).max()) for k in made))
+        logits = auto.logits(pixels, task_set, form="dense")
+        worst["logits"] = max(worst["logits"], float(np.abs(logits - host.logits(pixels, task_set)).max()))
+    print(f"densify graph vs numpy dense weights, 3 task sets: max |diff| {worst}")
+    assert worst["weights"] < 1e-5 and worst["logits"] < 1e-4  # the tolerance of every logits check here
+
+
 def test_gram_blocks_give_the_same_task_set_weights(tiny_build):
     manifest = read_manifest(tiny_build)
     stored = StoredTasks.from_flat(*(load_file(str(tiny_build / f"{name}.safetensors"))

@@ -19,8 +19,8 @@ import torch
 from mass_export.core import options
 from mass_export.nn.heads import Heads
 from mass_export.core.onnxfiles import SUPPLIED_AT_LOAD
-from mass_export.core.taskweights import TASKS_INPUT, factor_input_names, weight_key
-from mass_export.nn.lowrank import LowRankEncoder, factor_keys_of, linear_keys
+from mass_export.core.taskweights import DENSE_OUTPUT, TASKS_INPUT, factor_input_names, weight_key
+from mass_export.nn.lowrank import Densify, LowRankEncoder, factor_keys_of, linear_keys
 from mass_export.nn.routing import Router
 from mass_export.nn.tower import FullTower, RoutePrefix, prefix_keys, run_with
 
@@ -61,26 +61,27 @@ def _name_inputs_in_order(path: Path, names: list[str]) -> None:
     _rename_inputs(path, {a: b for a, b in zip(old, names) if a != b})
 
 
-def _supply_at_load(path: Path, names: list[str]) -> None:
+def _supply_at_load(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """Turn these weight inputs into constants the runtime supplies when it opens the graph (external
-    initializers at ``SUPPLIED_AT_LOAD``): for weights fixed for a runtime's life, such as theta_MT."""
+    initializers at ``SUPPLIED_AT_LOAD``), of the given shapes (fixing a dynamic dimension such as the number of
+    tasks): for weights fixed for a runtime's life, such as theta_MT or the stored factor stacks."""
     model = onnx.load(str(path))
     inputs = {value.name: value for value in model.graph.input}
-    missing = [name for name in names if name not in inputs]
+    missing = [name for name in shapes if name not in inputs]
     if missing:
         raise RuntimeError(f"{path.name}: no inputs {missing[:3]} to turn into constants")
-    for name in names:
+    for name, shape in shapes.items():
         tensor_type = inputs[name].type.tensor_type
-        shape = [dim.dim_value for dim in tensor_type.shape.dim]
-        if not all(shape) or any(dim.dim_param for dim in tensor_type.shape.dim):
-            raise RuntimeError(f"{path.name}: input {name!r} has no static shape; it cannot be a constant")
+        declared = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
+        if len(declared) != len(shape) or any(d is not None and d != s for d, s in zip(declared, shape)):
+            raise RuntimeError(f"{path.name}: input {name!r} is {declared}, not {list(shape)}")
         nbytes = int(np.prod(shape)) * onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
         entries = [onnx.StringStringEntryProto(key=key, value=str(value))
                    for key, value in (("location", SUPPLIED_AT_LOAD), ("offset", 0), ("length", nbytes))]
-        tensor = onnx.TensorProto(name=name, data_type=tensor_type.elem_type, dims=shape,
+        tensor = onnx.TensorProto(name=name, data_type=tensor_type.elem_type, dims=list(shape),
                                   data_location=onnx.TensorProto.EXTERNAL, external_data=entries)
         model.graph.initializer.append(tensor)
-    kept = [value for value in model.graph.input if value.name not in set(names)]
+    kept = [value for value in model.graph.input if value.name not in shapes]
     del model.graph.input[:]
     model.graph.input.extend(kept)
     onnx.save(model, str(path))
@@ -112,7 +113,7 @@ def export_tower(visual: torch.nn.Module, weights: dict[str, torch.Tensor], path
     if layer is None:  # the second pass: a task set's weights, fed per call
         return {"inputs": ["pixel_values", *keys], "outputs": [output]}
     # The first pass's weights (theta_MT, or theta_pre) are fixed for a runtime's life: constants.
-    _supply_at_load(path, keys)
+    _supply_at_load(path, {key: tuple(weights[key].shape) for key in keys})
     return {"inputs": ["pixel_values"], "constants": keys, "outputs": [output]}
 
 
@@ -148,6 +149,42 @@ def export_lowrank(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ra
     return {"inputs": names, "outputs": ["image_features"], "linear_keys": linear, "factor_keys": factor_keys}
 
 
+def export_densify(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ranks: dict[str, int], split_qkv: bool,
+                   num_tasks: int, path: Path, opset: int = OPSET) -> dict:
+    """A task set's dense linear weights from the low-rank graph's stacks and cores (``nn.lowrank.Densify``):
+    theta_pre and every task's factor stacks are constants supplied at load; ``tasks`` and the cores M are the
+    inputs. The non-linear keys (the means of small deltas) are made on the host."""
+    linear = linear_keys(visual)
+    factor_keys = [fk for key in linear for fk in factor_keys_of(key, split_qkv)]
+    stacks, selected = 3, 2  # example sizes > 1 (the exporter specialises 0 and 1)
+    factors = {}
+    for factor_key in factor_keys:
+        key, block = weight_key(factor_key)
+        m, n = weights[key].shape
+        rows, k = (m // 3 if block is not None else m), ranks[factor_key]
+        factors[factor_key] = (torch.zeros(stacks, rows, k), torch.zeros(stacks, k, n),
+                               torch.zeros(selected, k, selected, k))
+    num_stacks = torch.export.Dim("num_tasks", min=1, max=4096)  # fixed to the build's T by the constants below
+    set_size = torch.export.Dim("set_size", min=1, max=4096)
+    outputs = [DENSE_OUTPUT.format(key) for key in linear]
+    _export(Densify(linear, split_qkv).eval(), (), {"weights": {key: weights[key] for key in linear},
+                                                  "tasks": torch.tensor([0, stacks - 1]), "factors": factors},
+            path, outputs, {"weights": {key: None for key in linear}, "tasks": {0: set_size},
+                            "factors": {fk: ({0: num_stacks}, {0: num_stacks}, {0: set_size, 2: set_size})
+                                        for fk in factor_keys}}, opset)
+    stack_shapes = {}
+    for factor_key in factor_keys:
+        name_u, name_v, _ = factor_input_names(factor_key)
+        stack_shapes[name_u] = (num_tasks, *factors[factor_key][0].shape[1:])
+        stack_shapes[name_v] = (num_tasks, *factors[factor_key][1].shape[1:])
+    stack_names = list(stack_shapes)
+    cores = [factor_input_names(fk)[2] for fk in factor_keys]
+    _name_inputs_in_order(path, [*linear, TASKS_INPUT, *[name for fk in factor_keys for name in factor_input_names(fk)]])
+    _supply_at_load(path, {**{key: tuple(weights[key].shape) for key in linear}, **stack_shapes})
+    return {"inputs": [TASKS_INPUT, *cores], "constants": [*linear, *stack_names], "outputs": outputs,
+            "linear_keys": linear, "factor_keys": factor_keys}
+
+
 def export_router(basis: torch.Tensor, tau: float, path: Path, opset: int = OPSET) -> dict:
     batch = torch.export.Dim("batch", min=1, max=65536)
     features = torch.randn(2, basis.shape[-1])
@@ -164,12 +201,12 @@ def export_heads(heads: torch.Tensor, path: Path, opset: int = OPSET) -> dict:
     return {"inputs": ["image_features", "heads"], "outputs": ["logits"]}
 
 
-GRAPH_NAMES = ("prefix", "router", "encoder", "heads", "lowrank")
+GRAPH_NAMES = ("prefix", "router", "encoder", "heads", "lowrank", "densify")
 
 
 def export_all(visual, pretrained: dict, basis: torch.Tensor, heads: torch.Tensor, method, out_dir: Path,
                opset: int = OPSET, progress=None, *, ranks: dict[str, int]) -> dict:
-    """Write graphs/{prefix,router,encoder,heads,lowrank}.onnx under out_dir; returns manifest["graphs"]."""
+    """Write graphs/{prefix,router,encoder,heads,lowrank,densify}.onnx under out_dir; returns manifest["graphs"]."""
     graphs_dir = Path(out_dir) / "graphs"
     graphs_dir.mkdir(parents=True, exist_ok=True)
     jobs = {
@@ -178,6 +215,7 @@ def export_all(visual, pretrained: dict, basis: torch.Tensor, heads: torch.Tenso
         "encoder": lambda p: export_tower(visual, pretrained, p, layer=None, opset=opset),
         "heads": lambda p: export_heads(heads, p, opset),
         "lowrank": lambda p: export_lowrank(visual, pretrained, ranks, method.split_qkv, p, opset),
+        "densify": lambda p: export_densify(visual, pretrained, ranks, method.split_qkv, basis.shape[0], p, opset),
     }
     assert tuple(jobs) == GRAPH_NAMES
     records = {}

@@ -61,15 +61,30 @@ class _LowRankCheck:
     """The low-rank encoder graph fed as the runtime feeds it: theta_pre for the linear weights and the build's
     factor stacks (once), the set's task indices, cores and dense theta(S) for the other keys."""
 
-    def __init__(self, manifest: dict, stored: StoredTasks, graphs: dict):
+    def __init__(self, manifest: dict, stored: StoredTasks, graphs: dict, shared: dict):
         self.session, self.stored = graphs["lowrank"], stored
+        self.densify = graphs.get("densify")
         record = manifest["graphs"]["lowrank"]
         self.linear = record["linear_keys"]
         factor_inputs = {name for key in record["factor_keys"] for name in factor_input_names(key)}
         self.keys = [k for k in record["inputs"] if k not in ("pixel_values", TASKS_INPUT) and k not in factor_inputs]
-        self.shared = {**low_rank_stacks(stored, record["factor_keys"]),
-                       **{k: stored.pretrained[k] for k in self.linear}}
+        self.shared = shared
         self.cache: dict = {}
+
+    @staticmethod
+    def shared_inputs(manifest: dict, stored: StoredTasks) -> dict:
+        """theta_pre's linear weights and every task's factor stacks: fed once (lowrank), or constants (densify)."""
+        record = manifest["graphs"]["lowrank"]
+        return {**low_rank_stacks(stored, record["factor_keys"]),
+                **{k: stored.pretrained[k] for k in record["linear_keys"]}}
+
+    def densify_diff(self, task_set, dense: dict) -> float | None:
+        """Worst |difference| between the densify graph's linear weights and ``dense`` (the numpy Gram form), or
+        None when the build has no densify graph or the set runs dense (call ``features`` first)."""
+        if self.densify is None or self.cache.get(task_set) is None:
+            return None
+        made = _run(self.densify, self.cache[task_set])
+        return max(max_abs_diff(weight, dense[key]) for key, weight in zip(self.linear, made))
 
     def features(self, pixels: np.ndarray, task_set) -> np.ndarray | None:
         """The graph's features, or None for a set the runtime runs dense (an ill-conditioned key)."""
@@ -137,11 +152,13 @@ def open_build(root: Path, progress: bool, stored: tuple[StoredTasks, np.ndarray
         stored, range(stored.num_tasks), keys=prefix.get("constants", prefix["inputs"]), base=True))
     setup.update()
     setup.set_description("validation: ONNX Runtime sessions")
-    graphs = {name: _session(root, record, theta_mt) for name, record in manifest["graphs"].items()}
+    shared = _LowRankCheck.shared_inputs(manifest, stored) if "lowrank" in manifest["graphs"] else {}
+    supplied = {"prefix": theta_mt, "densify": shared}  # each graph's constants, as the runtime supplies them
+    graphs = {name: _session(root, record, supplied.get(name, {})) for name, record in manifest["graphs"].items()}
     setup.update()
     setup.close()
     basis = stored.factors[router_basis_key(manifest["method"]["routing_layer"])]["V"].astype(np.float32)
-    lowrank = _LowRankCheck(manifest, stored, graphs) if "lowrank" in graphs else None
+    lowrank = _LowRankCheck(manifest, stored, graphs, shared) if "lowrank" in graphs else None
     return BuildUnderTest(manifest, stored, heads, graphs, theta_mt, basis, head_slices(manifest), lowrank)
 
 
@@ -183,6 +200,9 @@ def compare_group(build: BuildUnderTest, reference, x: torch.Tensor, task_set, i
     low_features = build.lowrank.features(x[indices].numpy(), task_set) if build.lowrank else None
     if low_features is not None:
         diffs.note("lowrank", max_abs_diff(low_features, ref_features.numpy()))
+        densify_diff = build.lowrank.densify_diff(task_set, build.task_set_weights(task_set))
+        if densify_diff is not None:
+            diffs.note("densify", densify_diff)
         low_logits = build.heads_logits(low_features)
         mismatched += [index for row, index in enumerate(indices)
                        if build.pick(low_logits[row], task_set) != expected[row]]
@@ -274,12 +294,15 @@ def validate_build(root: Path, reference, atol: float = options.default("atol"),
     root = Path(root)
     build = open_build(root, progress, stored)
     pixels = pixel_batch((list(images) or sample_photos())[:sum(batch_sizes)], build.manifest["model"])
-    graphs = GRAPHS_COMPARED + (("lowrank",) if build.lowrank else ())
+    graphs = (GRAPHS_COMPARED + (("lowrank",) if build.lowrank else ())
+              + (("densify",) if build.lowrank and build.lowrank.densify else ()))
     routed = [route_batch(build, reference, pixels[start:start + size], start)
               for size, start in tqdm(batches(pixels, batch_sizes), desc="validating the router", unit="batch",
                                       disable=not progress)]
-    # Every image is routed: free both sides' theta_MT before the second pass makes its towers.
+    # Every image is routed: free both sides' theta_MT before the second pass makes its towers (the prefix
+    # graph's session holds it as constants).
     build.theta_mt = None
+    del build.graphs["prefix"]
     reference.release_first_pass()
     return_freed_memory()
     compare_second_pass(build, reference, routed, progress)

@@ -27,14 +27,41 @@ from mass_export.core.taskweights import FACTOR_FIELDS, QKV_PARTS, weight_key
 LINEAR_WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+def gathered_factors(tasks: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U_cat (m, |S|k) and V_cat (|S|k, n) of the selected tasks from the stacks U (T, m, k), V (T, k, n)."""
+    U_sel, V_sel = U[tasks], V[tasks]  # (S, m, k), (S, k, n)
+    rank = V_sel.shape[0] * V_sel.shape[1]
+    return U_sel.permute(1, 0, 2).reshape(U_sel.shape[1], rank), V_sel.reshape(rank, V_sel.shape[2])
+
+
 def gathered_update(x: torch.Tensor, tasks: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
                     M: torch.Tensor) -> torch.Tensor:
     """((x V_cat^T) M^T) U_cat^T for x (..., n), stacks U (T, m, k), V (T, k, n), core M (S, k, S, k)."""
-    U_sel, V_sel = U[tasks], V[tasks]  # (S, m, k), (S, k, n)
-    rank = V_sel.shape[0] * V_sel.shape[1]
-    U_cat = U_sel.permute(1, 0, 2).reshape(U_sel.shape[1], rank)
-    V_cat = V_sel.reshape(rank, V_sel.shape[2])
+    U_cat, V_cat = gathered_factors(tasks, U, V)
+    rank = V_cat.shape[0]
     return ((x @ V_cat.T) @ M.reshape(rank, rank).T) @ U_cat.T
+
+
+class Densify(nn.Module):
+    """forward(weights, tasks, factors) -> theta(S)'s linear weights in ``keys`` order: theta_pre (``weights``)
+    plus U_cat M V_cat per weight (per q/k/v row block of a split projection), from the same stacks and cores
+    the low-rank encoder takes. A task set's dense weights made by a graph, so on a GPU they are made where the
+    encoder reads them."""
+
+    def __init__(self, keys: list[str], split_qkv: bool = True):
+        super().__init__()
+        self.keys, self.split_qkv = list(keys), split_qkv
+
+    def forward(self, weights: dict, tasks, factors: dict):
+        out = []
+        for key in self.keys:
+            deltas = []
+            for factor_key in factor_keys_of(key, self.split_qkv):
+                U_cat, V_cat = gathered_factors(tasks, *factors[factor_key][:2])
+                rank = V_cat.shape[0]
+                deltas.append((U_cat @ factors[factor_key][2].reshape(rank, rank)) @ V_cat)
+            out.append(weights[key] + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=0)))
+        return tuple(out)
 
 
 class LowRankLinear(nn.Module):

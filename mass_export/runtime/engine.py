@@ -32,7 +32,7 @@ from mass_export.core.errors import BuildIntegrityError, ConfigError
 from mass_export.core.lowrank import LOW_RANK_GRAPH_SPREAD, group_by_task_set, pick_heads, select_task_sets
 from mass_export.core.manifest import head_slices, read_manifest
 from mass_export.core.routing import first_pass_weights, router_basis_key
-from mass_export.core.taskweights import (TASKS_INPUT, GramBlocks, StoredTasks, dense_from_low_rank,
+from mass_export.core.taskweights import (DENSE_OUTPUT, TASKS_INPUT, GramBlocks, StoredTasks, dense_from_low_rank,
                                          factor_input_names, low_rank_inputs, low_rank_stacks, task_set_cores,
                                          task_set_weights)
 from mass_export.runtime.backends import Runner, check_providers, make_runner
@@ -43,7 +43,9 @@ from mass_export.runtime.sources import batched
 from mass_export.runtime.taskcache import TaskSetCache, default_cache_bytes
 
 GRAPHS = ("prefix", "router", "encoder", "heads")
-OPTIONAL_GRAPHS = ("lowrank",)  # builds made before it have none: their second pass is dense only
+# Builds made before them have none: without lowrank the second pass is dense only; without densify (or lowrank) a
+# task set's dense weights are made by numpy on the host.
+OPTIONAL_GRAPHS = ("lowrank", "densify")
 DEFAULT_WINDOW_BATCHES = 8  # classify_batches routes this many batches before the second passes
 RECENT_GROUPS = 64  # second-pass groups whose distinct sets are compared with the dense sets the cache holds
 GRAM_SHARE = 0.25  # at most this share of cache_bytes holds the Gram blocks of task pairs (GramBlocks)
@@ -143,6 +145,8 @@ class MassRuntime:
             warnings.warn(f"{root}: its low-rank graph is of an older form; the second pass runs dense (rebuild "
                           "for the low-rank form)", RuntimeWarning, stacklevel=3)
             del runners["lowrank"]
+        if "lowrank" not in runners:  # densify takes the low-rank graph's cores
+            runners.pop("densify", None)
         self._linear_keys = list(lowrank_record.get("linear_keys", ())) if "lowrank" in runners else []
         self._factor_keys = list(lowrank_record.get("factor_keys", ())) if "lowrank" in runners else []
         if "lowrank" in runners:
@@ -181,8 +185,10 @@ class MassRuntime:
         self._router_inputs = runners["router"].upload({"router_basis": basis})
         self._heads_inputs = runners["heads"].upload({"heads": heads})
         if "lowrank" in runners:  # theta_pre for the linear weights and every task's factors, uploaded once
-            self._lowrank_base = runners["lowrank"].upload({**{k: stored.pretrained[k] for k in self._linear_keys},
-                                                            **low_rank_stacks(stored, self._factor_keys)})
+            base = {**{k: stored.pretrained[k] for k in self._linear_keys}, **low_rank_stacks(stored, self._factor_keys)}
+            self._lowrank_base = runners["lowrank"].upload(base)
+            if "densify" in runners:  # the same arrays are its constants
+                runners["densify"] = runners["densify"](constants=base)
         # One cache for both kinds of prepared state, keyed ("dense", S) / ("factors", S).
         self.cache = TaskSetCache(self._prepare_entry, cache_bytes - self.gram_blocks.capacity_bytes - cores_bytes,
                                   cache_size)
@@ -289,8 +295,22 @@ class MassRuntime:
         if inputs is None:  # no low-rank graph, or a set it cannot run
             return task_set_weights(self.stored, task_set, keys=self._encoder_keys, blocks=self.gram_blocks)
         started = time.perf_counter()
-        weights = dense_from_low_rank(self.stored, inputs, self._linear_keys)
+        if "densify" in self.runners:
+            weights = self._densify(inputs)
+        else:
+            weights = dense_from_low_rank(self.stored, inputs, self._linear_keys)
         self.planner.observe_product(len(task_set), time.perf_counter() - started)
+        return weights
+
+    def _densify(self, inputs: dict) -> dict:
+        """theta(S) from the low-rank inputs by the densify graph: the linear weights are made where the encoder
+        runs (left on the device on a GPU, as OrtValues), the other keys are the inputs' host arrays."""
+        runner = self.runners["densify"]
+        names = [DENSE_OUTPUT.format(key) for key in self._linear_keys]
+        made = runner.run({name: inputs[name] for name in runner.input_names},
+                          keep=names if runner.device != "cpu" else ())
+        weights = {key: value for key, value in inputs.items() if key in self._encoder_keys}
+        weights.update({key: made[name] for key, name in zip(self._linear_keys, names)})
         return weights
 
     def _prepare_entry(self, key) -> dict:
@@ -311,7 +331,9 @@ class MassRuntime:
             return {"host": host, "device": None if host is None else self.runners["lowrank"].upload(host)}
         host = self.prepare_task_set(task_set)
         self.cache.discard(("factors", task_set))  # superseded by the dense weights
-        return {"host": host, "device": self.runners["encoder"].upload(host)}
+        on_device = {k: v for k, v in host.items() if not isinstance(v, np.ndarray)}  # made there by densify
+        device = self.runners["encoder"].upload({k: v for k, v in host.items() if k not in on_device})
+        return {"host": host, "device": {**device, **on_device}}
 
     def warm(self, task_sets, form: str = "dense") -> None:
         """Prepare these task sets now (dense weights, or ``form="lowrank"``: their factors)."""
