@@ -117,43 +117,10 @@ def export_tower(visual: torch.nn.Module, weights: dict[str, torch.Tensor], path
     return {"inputs": ["pixel_values"], "constants": keys, "outputs": [output]}
 
 
-def export_lowrank(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ranks: dict[str, int], split_qkv: bool,
-                   path: Path, opset: int = OPSET) -> dict:
-    """The low-rank encoder: theta_pre plus a task set's update, gathered from per-task factor stacks by the
-    ``tasks`` input; the number of tasks (stacks) and of selected tasks are dynamic dimensions. ranks: k per
-    factor key (the build's truncation ranks)."""
-    linear = linear_keys(visual)
-    factor_keys = [fk for key in linear for fk in factor_keys_of(key, split_qkv)]
-    # Example sizes > 1 (the exporter specialises 0 and 1); the graph takes any number of tasks and of selected.
-    stacks, selected = 3, 2
-    factors = {}
-    for factor_key in factor_keys:
-        key, block = weight_key(factor_key)
-        m, n = weights[key].shape
-        rows, k = (m // 3 if block is not None else m), ranks[factor_key]
-        factors[factor_key] = (torch.zeros(stacks, rows, k), torch.zeros(stacks, k, n),
-                               torch.zeros(selected, k, selected, k))
-    size = visual.image_size if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    num_tasks = torch.export.Dim("num_tasks", min=1, max=4096)
-    set_size = torch.export.Dim("set_size", min=1, max=4096)
-    keys = list(weights)
-    _export(LowRankEncoder(visual, split_qkv).eval(), (torch.zeros(2, 3, *size),),
-            {"weights": dict(weights), "tasks": torch.tensor([0, stacks - 1]), "factors": factors},
-            path, ["image_features"], {"pixel_values": {0: batch}, "weights": {key: None for key in keys},
-                                       "tasks": {0: set_size},
-                                       "factors": {fk: ({0: num_tasks}, {0: num_tasks}, {0: set_size, 2: set_size})
-                                                   for fk in factor_keys}}, opset)
-    names = ["pixel_values", *keys, TASKS_INPUT, *[name for fk in factor_keys for name in factor_input_names(fk)]]
-    _name_inputs_in_order(path, names)
-    return {"inputs": names, "outputs": ["image_features"], "linear_keys": linear, "factor_keys": factor_keys}
-
-
-def export_densify(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ranks: dict[str, int], split_qkv: bool,
-                   num_tasks: int, path: Path, opset: int = OPSET) -> dict:
-    """A task set's dense linear weights from the low-rank graph's stacks and cores (``nn.lowrank.Densify``):
-    theta_pre and every task's factor stacks are constants supplied at load; ``tasks`` and the cores M are the
-    inputs. The non-linear keys (the means of small deltas) are made on the host."""
+def _factor_inputs(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ranks: dict[str, int], split_qkv: bool):
+    """What the low-rank and densify graphs take per linear weight: (linear keys, factor keys, example keyword
+    arguments ``tasks`` and ``factors`` = {factor key: (U stack, V stack, core M)}, their dynamic shapes: the
+    number of tasks and of selected tasks). ranks: k per factor key (the build's truncation ranks)."""
     linear = linear_keys(visual)
     factor_keys = [fk for key in linear for fk in factor_keys_of(key, split_qkv)]
     stacks, selected = 3, 2  # example sizes > 1 (the exporter specialises 0 and 1)
@@ -164,25 +131,51 @@ def export_densify(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ra
         rows, k = (m // 3 if block is not None else m), ranks[factor_key]
         factors[factor_key] = (torch.zeros(stacks, rows, k), torch.zeros(stacks, k, n),
                                torch.zeros(selected, k, selected, k))
-    num_stacks = torch.export.Dim("num_tasks", min=1, max=4096)  # fixed to the build's T by the constants below
+    num_tasks = torch.export.Dim("num_tasks", min=1, max=4096)
     set_size = torch.export.Dim("set_size", min=1, max=4096)
+    dynamic = {"tasks": {0: set_size},
+               "factors": {fk: ({0: num_tasks}, {0: num_tasks}, {0: set_size, 2: set_size}) for fk in factor_keys}}
+    return linear, factor_keys, {"tasks": torch.tensor([0, stacks - 1]), "factors": factors}, dynamic
+
+
+def _factor_names(factor_keys: list[str]) -> list[str]:
+    return [name for fk in factor_keys for name in factor_input_names(fk)]
+
+
+def export_lowrank(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ranks: dict[str, int], split_qkv: bool,
+                   path: Path, opset: int = OPSET) -> dict:
+    """The low-rank encoder: theta_pre plus a task set's update, gathered from per-task factor stacks by the
+    ``tasks`` input; the number of tasks (stacks) and of selected tasks are dynamic dimensions."""
+    linear, factor_keys, examples, dynamic = _factor_inputs(visual, weights, ranks, split_qkv)
+    size = visual.image_size if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    keys = list(weights)
+    _export(LowRankEncoder(visual, split_qkv).eval(), (torch.zeros(2, 3, *size),),
+            {"weights": dict(weights), **examples}, path, ["image_features"],
+            {"pixel_values": {0: batch}, "weights": {key: None for key in keys}, **dynamic}, opset)
+    names = ["pixel_values", *keys, TASKS_INPUT, *_factor_names(factor_keys)]
+    _name_inputs_in_order(path, names)
+    return {"inputs": names, "outputs": ["image_features"], "linear_keys": linear, "factor_keys": factor_keys}
+
+
+def export_densify(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ranks: dict[str, int], split_qkv: bool,
+                   num_tasks: int, path: Path, opset: int = OPSET) -> dict:
+    """A task set's dense linear weights from the low-rank graph's stacks and cores (``nn.lowrank.Densify``):
+    theta_pre and every task's factor stacks (``num_tasks`` each) are constants supplied at load; ``tasks`` and
+    the cores M are the inputs. The non-linear keys (the means of small deltas) are made on the host."""
+    linear, factor_keys, examples, dynamic = _factor_inputs(visual, weights, ranks, split_qkv)
     outputs = [DENSE_OUTPUT.format(key) for key in linear]
-    _export(Densify(linear, split_qkv).eval(), (), {"weights": {key: weights[key] for key in linear},
-                                                  "tasks": torch.tensor([0, stacks - 1]), "factors": factors},
-            path, outputs, {"weights": {key: None for key in linear}, "tasks": {0: set_size},
-                            "factors": {fk: ({0: num_stacks}, {0: num_stacks}, {0: set_size, 2: set_size})
-                                        for fk in factor_keys}}, opset)
-    stack_shapes = {}
-    for factor_key in factor_keys:
+    _export(Densify(linear, split_qkv).eval(), (), {"weights": {key: weights[key] for key in linear}, **examples},
+            path, outputs, {"weights": {key: None for key in linear}, **dynamic}, opset)
+    _name_inputs_in_order(path, [*linear, TASKS_INPUT, *_factor_names(factor_keys)])
+    stacks = {}
+    for factor_key in factor_keys:  # the constants fix the graph's number of tasks to the build's
         name_u, name_v, _ = factor_input_names(factor_key)
-        stack_shapes[name_u] = (num_tasks, *factors[factor_key][0].shape[1:])
-        stack_shapes[name_v] = (num_tasks, *factors[factor_key][1].shape[1:])
-    stack_names = list(stack_shapes)
-    cores = [factor_input_names(fk)[2] for fk in factor_keys]
-    _name_inputs_in_order(path, [*linear, TASKS_INPUT, *[name for fk in factor_keys for name in factor_input_names(fk)]])
-    _supply_at_load(path, {**{key: tuple(weights[key].shape) for key in linear}, **stack_shapes})
-    return {"inputs": [TASKS_INPUT, *cores], "constants": [*linear, *stack_names], "outputs": outputs,
-            "linear_keys": linear, "factor_keys": factor_keys}
+        U, V, _ = examples["factors"][factor_key]
+        stacks[name_u], stacks[name_v] = (num_tasks, *U.shape[1:]), (num_tasks, *V.shape[1:])
+    _supply_at_load(path, {**{key: tuple(weights[key].shape) for key in linear}, **stacks})
+    return {"inputs": [TASKS_INPUT, *(factor_input_names(fk)[2] for fk in factor_keys)],
+            "constants": [*linear, *stacks], "outputs": outputs, "linear_keys": linear, "factor_keys": factor_keys}
 
 
 def export_router(basis: torch.Tensor, tau: float, path: Path, opset: int = OPSET) -> dict:

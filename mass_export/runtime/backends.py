@@ -33,6 +33,7 @@ CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 class Runner(Protocol):
     providers: list[str]  # what actually runs, not what was asked for
     requested: list[str]
+    device: str  # "cpu" or "cuda": where the outputs ``run`` keeps stay
     input_names: list[str]
     output_names: list[str]
 

@@ -286,8 +286,9 @@ class MassRuntime:
                                   well_conditioned=LOW_RANK_GRAPH_SPREAD)
 
     def prepare_task_set(self, task_set: tuple[int, ...], reuse_factors: bool = True) -> dict:
-        """Dense theta(S) for the encoder graph (host arrays), from S's cached low-rank inputs or cores when
-        there are some (``reuse_factors``). A public hook: subclass to observe or pace it."""
+        """Dense theta(S) for the encoder graph, from S's cached low-rank inputs or cores when there are some
+        (``reuse_factors``): numpy arrays, but for the linear weights the densify graph made on a GPU (OrtValues on
+        the device). A public hook: subclass to observe or pace it."""
         ready = self.cache.lookup(("factors", task_set)) if reuse_factors and self._linear_keys else None
         inputs = ready["host"] if ready else None
         if inputs is None and self._linear_keys:
