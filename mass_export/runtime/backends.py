@@ -94,10 +94,10 @@ class OrtRunner:
             options.inter_op_num_threads = 1
         # The graph's constants (SUPPLIED_AT_LOAD): ONNX Runtime reads them from these buffers when the session is
         # made (and copies them to the device there), so they must live as long as the session.
-        self._constants = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+        self.constants = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
                            for name, value in (constants or {}).items()}
-        if self._constants:
-            options.add_external_initializers(list(self._constants), list(self._constants.values()))
+        if self.constants:
+            options.add_external_initializers(list(self.constants), list(self.constants.values()))
         model = path if isinstance(path, bytes) else str(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ORT's own "not in available providers" warning: ours is clearer
