@@ -27,7 +27,7 @@ _TENSOR_DATA_LOCATION, _TENSOR_EXTERNAL_DATA, _EXTERNAL = 14, 13, 1
 # The external-data location of a graph's constants that the runtime supplies when it opens the graph (ONNX
 # Runtime's add_external_initializers), e.g. the first pass's theta_MT, made at load from the stored factors.
 # Constants, unlike inputs fed on every call, are folded and pre-packed by ONNX Runtime: the first pass of
-# ViT-B-16 ran 7.7% faster so. Not a file (angle brackets cannot name one on every system): a graph whose
+# ViT-B-16 ran 3.5% faster so (benchmarks/constants_vs_inputs.py). Not a file (angle brackets cannot name one on every system): a graph whose
 # constant was not supplied fails to open rather than reading anything from disk.
 SUPPLIED_AT_LOAD = "<supplied-at-load>"
 

@@ -159,23 +159,19 @@ def export_lowrank(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ra
 
 
 def export_densify(visual: torch.nn.Module, weights: dict[str, torch.Tensor], ranks: dict[str, int], split_qkv: bool,
-                   num_tasks: int, path: Path, opset: int = OPSET) -> dict:
-    """A task set's dense linear weights from the low-rank graph's stacks and cores (``nn.lowrank.Densify``):
-    theta_pre and every task's factor stacks (``num_tasks`` each) are constants supplied at load; ``tasks`` and
-    the cores M are the inputs. The non-linear keys (the means of small deltas) are made on the host."""
+                   path: Path, opset: int = OPSET) -> dict:
+    """A task set's dense linear weights from the low-rank graph's stacks and cores (``nn.lowrank.Densify``),
+    fed as the low-rank graph is: theta_pre's linear weights and every task's factor stacks (the same arrays,
+    once per load), ``tasks`` and the cores M per set. Inputs, not constants supplied at load: ONNX Runtime 1.32
+    copies such constants (825 MB more for ViT-B-16 x 8, measured) and this graph gains nothing from folding.
+    The non-linear keys (the means of small deltas) are made on the host."""
     linear, factor_keys, examples, dynamic = _factor_inputs(visual, weights, ranks, split_qkv)
     outputs = [DENSE_OUTPUT.format(key) for key in linear]
     _export(Densify(linear, split_qkv).eval(), (), {"weights": {key: weights[key] for key in linear}, **examples},
             path, outputs, {"weights": {key: None for key in linear}, **dynamic}, opset)
-    _name_inputs_in_order(path, [*linear, TASKS_INPUT, *_factor_names(factor_keys)])
-    stacks = {}
-    for factor_key in factor_keys:  # the constants fix the graph's number of tasks to the build's
-        name_u, name_v, _ = factor_input_names(factor_key)
-        U, V, _ = examples["factors"][factor_key]
-        stacks[name_u], stacks[name_v] = (num_tasks, *U.shape[1:]), (num_tasks, *V.shape[1:])
-    _supply_at_load(path, {**{key: tuple(weights[key].shape) for key in linear}, **stacks})
-    return {"inputs": [TASKS_INPUT, *(factor_input_names(fk)[2] for fk in factor_keys)],
-            "constants": [*linear, *stacks], "outputs": outputs, "linear_keys": linear, "factor_keys": factor_keys}
+    names = [*linear, TASKS_INPUT, *_factor_names(factor_keys)]
+    _name_inputs_in_order(path, names)
+    return {"inputs": names, "outputs": outputs, "linear_keys": linear, "factor_keys": factor_keys}
 
 
 def export_router(basis: torch.Tensor, tau: float, path: Path, opset: int = OPSET) -> dict:
@@ -208,7 +204,7 @@ def export_all(visual, pretrained: dict, basis: torch.Tensor, heads: torch.Tenso
         "encoder": lambda p: export_tower(visual, pretrained, p, layer=None, opset=opset),
         "heads": lambda p: export_heads(heads, p, opset),
         "lowrank": lambda p: export_lowrank(visual, pretrained, ranks, method.split_qkv, p, opset),
-        "densify": lambda p: export_densify(visual, pretrained, ranks, method.split_qkv, basis.shape[0], p, opset),
+        "densify": lambda p: export_densify(visual, pretrained, ranks, method.split_qkv, p, opset),
     }
     assert tuple(jobs) == GRAPH_NAMES
     records = {}

@@ -73,7 +73,7 @@ class _LowRankCheck:
 
     @staticmethod
     def shared_inputs(manifest: dict, stored: StoredTasks) -> dict:
-        """theta_pre's linear weights and every task's factor stacks: fed once (lowrank), or constants (densify)."""
+        """theta_pre's linear weights and every task's factor stacks: what the lowrank and densify graphs share."""
         record = manifest["graphs"]["lowrank"]
         return {**low_rank_stacks(stored, record["factor_keys"]),
                 **{k: stored.pretrained[k] for k in record["linear_keys"]}}
@@ -83,7 +83,7 @@ class _LowRankCheck:
         None when the build has no densify graph or the set runs dense (call ``features`` first)."""
         if self.densify is None or self.cache.get(task_set) is None:
             return None
-        made = _run(self.densify, self.cache[task_set])
+        made = _run(self.densify, {**self.shared, **self.cache[task_set]})
         return max(max_abs_diff(weight, dense[key]) for key, weight in zip(self.linear, made))
 
     def features(self, pixels: np.ndarray, task_set) -> np.ndarray | None:
@@ -153,8 +153,8 @@ def open_build(root: Path, progress: bool, stored: tuple[StoredTasks, np.ndarray
     setup.update()
     setup.set_description("validation: ONNX Runtime sessions")
     shared = _LowRankCheck.shared_inputs(manifest, stored) if "lowrank" in manifest["graphs"] else {}
-    supplied = {"prefix": theta_mt, "densify": shared}  # each graph's constants, as the runtime supplies them
-    graphs = {name: _session(root, record, supplied.get(name, {})) for name, record in manifest["graphs"].items()}
+    graphs = {name: _session(root, record, theta_mt if name == "prefix" else {})  # the prefix's constants
+              for name, record in manifest["graphs"].items()}
     setup.update()
     setup.close()
     basis = stored.factors[router_basis_key(manifest["method"]["routing_layer"])]["V"].astype(np.float32)

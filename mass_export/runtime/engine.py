@@ -185,10 +185,8 @@ class MassRuntime:
         self._router_inputs = runners["router"].upload({"router_basis": basis})
         self._heads_inputs = runners["heads"].upload({"heads": heads})
         if "lowrank" in runners:  # theta_pre for the linear weights and every task's factors, uploaded once
-            base = {**{k: stored.pretrained[k] for k in self._linear_keys}, **low_rank_stacks(stored, self._factor_keys)}
-            self._lowrank_base = runners["lowrank"].upload(base)
-            if "densify" in runners:  # the same arrays are its constants
-                runners["densify"] = runners["densify"](constants=base)
+            self._lowrank_base = runners["lowrank"].upload({**{k: stored.pretrained[k] for k in self._linear_keys},
+                                                            **low_rank_stacks(stored, self._factor_keys)})
         # One cache for both kinds of prepared state, keyed ("dense", S) / ("factors", S).
         self.cache = TaskSetCache(self._prepare_entry, cache_bytes - self.gram_blocks.capacity_bytes - cores_bytes,
                                   cache_size)
@@ -308,8 +306,7 @@ class MassRuntime:
         runs (left on the device on a GPU, as OrtValues), the other keys are the inputs' host arrays."""
         runner = self.runners["densify"]
         names = [DENSE_OUTPUT.format(key) for key in self._linear_keys]
-        made = runner.run({name: inputs[name] for name in runner.input_names},
-                          keep=names if runner.device != "cpu" else ())
+        made = runner.run({**self._lowrank_base, **inputs}, keep=names if runner.device != "cpu" else ())
         weights = {key: value for key, value in inputs.items() if key in self._encoder_keys}
         weights.update({key: made[name] for key, name in zip(self._linear_keys, names)})
         return weights
