@@ -4,7 +4,7 @@ graph taking them as inputs fed every call (the form before), side by side in on
     python benchmarks/constants_vs_inputs.py BUILD [--threads 2] [--rounds 5] [--batch 16] [--json OUT]
 
 The inputs form is made from the build's own prefix graph (its constants turned back into graph inputs, as
-``tests/test_first_pass_constants.py`` does) and fed the same theta_MT the runtime made; both run interleaved on
+``tests/test_first_pass_constants.py`` does) and fed theta_MT made as the runtime makes it; both run interleaved on
 the same random batch, and their outputs are compared (max |diff|).
 """
 
@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 
 from mass_export.core.manifest import read_manifest
+from mass_export.core.routing import first_pass_weights
+from mass_export.core.taskweights import task_set_weights
 from mass_export.runtime import MassRuntime
 from mass_export.runtime.backends import OrtRunner
 
@@ -35,7 +37,10 @@ def main() -> None:
     if not record.get("constants"):
         raise SystemExit(f"{args.build}: its prefix graph takes its weights as inputs already (an older build)")
     runtime = MassRuntime.load(args.build, threads=args.threads, calibrate=False, second_pass="dense")
-    constants = {name: value.numpy() for name, value in runtime.runners["prefix"].constants.items()}
+    method, stored = read_manifest(args.build)["method"], runtime.stored
+    constants = first_pass_weights(method["router_on"], {k: stored.pretrained[k] for k in record["constants"]},
+                                   lambda: task_set_weights(stored, range(stored.num_tasks), keys=record["constants"],
+                                                            base=True))
     model = onnx.load(f"{args.build}/{record['file']}", load_external_data=False)
     for tensor in [t for t in model.graph.initializer if t.name in constants]:
         model.graph.initializer.remove(tensor)

@@ -92,12 +92,12 @@ class OrtRunner:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        # The graph's constants (SUPPLIED_AT_LOAD): ONNX Runtime reads them from these buffers when the session is
-        # made (and copies them to the device there), so they must live as long as the session.
-        self.constants = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-                           for name, value in (constants or {}).items()}
-        if self.constants:
-            options.add_external_initializers(list(self.constants), list(self.constants.values()))
+        # The graph's constants (SUPPLIED_AT_LOAD): ONNX Runtime copies them into the session when it is made (its
+        # documented contract for add_external_initializers), so the caller's arrays may be freed afterwards.
+        supplied = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                    for name, value in (constants or {}).items()}
+        if supplied:
+            options.add_external_initializers(list(supplied), list(supplied.values()))
         model = path if isinstance(path, bytes) else str(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ORT's own "not in available providers" warning: ours is clearer
