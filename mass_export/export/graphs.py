@@ -63,8 +63,8 @@ def _name_inputs_in_order(path: Path, names: list[str]) -> None:
 
 def _supply_at_load(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """Turn these weight inputs into constants the runtime supplies when it opens the graph (external
-    initializers at ``SUPPLIED_AT_LOAD``), of the given shapes (fixing a dynamic dimension such as the number of
-    tasks): for weights fixed for a runtime's life, such as theta_MT or the stored factor stacks."""
+    initializers at ``SUPPLIED_AT_LOAD``) of the given shapes: for weights fixed for a runtime's life (the first
+    pass's theta_MT). A shape must agree with the input's declared one."""
     model = onnx.load(str(path))
     inputs = {value.name: value for value in model.graph.input}
     missing = [name for name in shapes if name not in inputs]
