@@ -228,6 +228,8 @@ class MassRuntime:
             runner = functools.partial(make_runner, root / graphs[name]["file"], backend, providers, threads,
                                        check=False)
             # A graph with constants supplied at load is made once they are (the prefix: theta_MT, in __init__).
+            _check(name == "prefix" or not graphs[name].get("constants"), root,
+                   f"graph {name!r} declares constants supplied at load; this version supplies only the prefix's")
             runners[name] = runner if graphs[name].get("constants") else runner()
         # One check for all graphs: a provider counts as active only if every graph runs on it (those made later
         # ask for the same providers).
