@@ -11,11 +11,11 @@ the same random batch, and their outputs are compared (max |diff|).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import numpy as np
+from _report import report  # benchmarks/, on the path when run as a script
 import onnx
 
 from mass_export.core.manifest import read_manifest
@@ -62,10 +62,7 @@ def main() -> None:
               "median_seconds": {k: round(v, 4) for k, v in medians.items()},
               "constants_time_ratio_to_inputs": round(medians["constants"] / medians["inputs"], 3),
               "max_abs_diff": float(np.abs(outputs["constants"] - outputs["inputs"]).max())}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(result, out, indent=1)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ here) and times both forms on it, then one encoder pass on a batch of 16. Both f
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import numpy as np
+from _report import report  # benchmarks/, on the path when run as a script
 
 from mass_export.core.taskweights import dense_from_low_rank
 from mass_export.runtime import MassRuntime
@@ -60,10 +60,7 @@ def main() -> None:
               "median_seconds": {k: round(statistics.median(v), 4) for k, v in times.items()},
               "ratio_to_encoder_batch16": {k: round(statistics.median(v) / plain_s, 3) for k, v in times.items()},
               "max_abs_diff_graph_vs_numpy": worst}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(result, out, indent=1)
+    report(result, args.json)
 
 
 if __name__ == "__main__":
