@@ -222,7 +222,7 @@ def task_set_weights(stored: StoredTasks, tasks, keys=None, base: bool = False,
 
 
 TASKS_INPUT = "tasks"  # the low-rank graph's selected task indices (|S|,), int64, shared by every linear weight
-DENSE_OUTPUT = "{}.dense"  # the densify graph's output for a linear weight (its constant of that name is theta_pre)
+DENSE_OUTPUT = "{}.dense"  # the densify graph's output for a linear weight (its input of that name is theta_pre)
 FACTOR_FIELDS = ("U", "V", "M")
 
 

@@ -61,22 +61,17 @@ class _LowRankCheck:
     """The low-rank encoder graph fed as the runtime feeds it: theta_pre for the linear weights and the build's
     factor stacks (once), the set's task indices, cores and dense theta(S) for the other keys."""
 
-    def __init__(self, manifest: dict, stored: StoredTasks, graphs: dict, shared: dict):
+    def __init__(self, manifest: dict, stored: StoredTasks, graphs: dict):
         self.session, self.stored = graphs["lowrank"], stored
         self.densify = graphs.get("densify")
         record = manifest["graphs"]["lowrank"]
         self.linear = record["linear_keys"]
         factor_inputs = {name for key in record["factor_keys"] for name in factor_input_names(key)}
         self.keys = [k for k in record["inputs"] if k not in ("pixel_values", TASKS_INPUT) and k not in factor_inputs]
-        self.shared = shared
+        # theta_pre's linear weights and every task's factor stacks: fed to the lowrank and densify graphs alike
+        self.shared = {**low_rank_stacks(stored, record["factor_keys"]),
+                       **{k: stored.pretrained[k] for k in self.linear}}
         self.cache: dict = {}
-
-    @staticmethod
-    def shared_inputs(manifest: dict, stored: StoredTasks) -> dict:
-        """theta_pre's linear weights and every task's factor stacks: what the lowrank and densify graphs share."""
-        record = manifest["graphs"]["lowrank"]
-        return {**low_rank_stacks(stored, record["factor_keys"]),
-                **{k: stored.pretrained[k] for k in record["linear_keys"]}}
 
     def densify_diff(self, task_set, dense: dict) -> float | None:
         """Worst |difference| between the densify graph's linear weights and ``dense`` (the numpy Gram form), or
@@ -152,13 +147,12 @@ def open_build(root: Path, progress: bool, stored: tuple[StoredTasks, np.ndarray
         stored, range(stored.num_tasks), keys=prefix.get("constants", prefix["inputs"]), base=True))
     setup.update()
     setup.set_description("validation: ONNX Runtime sessions")
-    shared = _LowRankCheck.shared_inputs(manifest, stored) if "lowrank" in manifest["graphs"] else {}
     graphs = {name: _session(root, record, theta_mt if name == "prefix" else {})  # the prefix's constants
               for name, record in manifest["graphs"].items()}
     setup.update()
     setup.close()
     basis = stored.factors[router_basis_key(manifest["method"]["routing_layer"])]["V"].astype(np.float32)
-    lowrank = _LowRankCheck(manifest, stored, graphs, shared) if "lowrank" in graphs else None
+    lowrank = _LowRankCheck(manifest, stored, graphs) if "lowrank" in graphs else None
     return BuildUnderTest(manifest, stored, heads, graphs, theta_mt, basis, head_slices(manifest), lowrank)
 
 
